@@ -1,0 +1,54 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# On these machines torch must come as this pinned CPU build; where torch is already
+# importable (Colab), the venv sees it through --system-site-packages and it is not reinstalled.
+TORCH_PIN ?= torch==2.13.0
+DEMO_WORKSPACE ?= ./training_output
+
+.PHONY: install demo test lint format bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "torch is already installed: reusing it"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
+		$(VENV)/bin/pip install -q "$(TORCH_PIN)"; \
+	fi
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(PY) -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m utils.training train --preset small --epochs 3 --workspace $(DEMO_WORKSPACE) --run-name demo
+	$(PY) -m utils.training recover --checkpoint-dir $(DEMO_WORKSPACE)
+	$(PY) -m utils.training verify $(DEMO_WORKSPACE)
+	$(PY) -m utils.training dashboard --checkpoint-dir $(DEMO_WORKSPACE)
+	$(PY) -m utils.training export --checkpoint-dir $(DEMO_WORKSPACE)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --nbval training.ipynb --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: $(STAMP)
+	$(PY) -m benchmarks
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks --quick --json
+
+clean:
+	rm -rf $(VENV) training_output tmp_training_output .pytest_cache

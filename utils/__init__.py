@@ -1,0 +1,1 @@
+"""Project utilities; the training library lives in utils.training."""

@@ -1,0 +1,258 @@
+"""Command line: python -m utils.training {train,recover,verify,dashboard,export}."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import PRESETS, ConfigError, TrainingConfig
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A failure the user can act on: printed as one line, exit status 1."""
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN/Infinity: write them as null so any JSON parser reads the output."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def print_json(data: Any) -> None:
+    print(json.dumps(_finite(data), indent=2, default=_json_default))
+
+
+def build_config(args: argparse.Namespace) -> TrainingConfig:
+    if args.config:
+        config = TrainingConfig.load(args.config)
+        if args.preset:
+            config = TrainingConfig.from_preset(args.preset, **{**config.to_dict(), **PRESETS[args.preset]})
+    else:
+        config = TrainingConfig.from_preset(args.preset or "tiny")
+    overrides = {
+        "workspace_root": args.workspace,
+        "run_name": args.run_name,
+        "epochs": args.epochs,
+        "steps_per_epoch": args.steps_per_epoch,
+        "seed": args.seed,
+        "corpus": args.corpus,
+        "save_every_steps": args.save_every_steps,
+        "save_every_seconds": args.save_every_seconds,
+        "keep_last": args.keep_last,
+        "keep_best": args.keep_best,
+        "device": args.device,
+        "async_save": {"async": True, "sync": False}.get(args.save_mode),
+        "on_save_error": args.on_save_error,
+    }
+    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    history = results.get("metrics_history") or []
+    last = history[-1] if history else {}
+    lines = [
+        f"run {results['run_name']} (id {results.get('run_id')}): {len(history)} epoch(s), step {results.get('step')}"
+        + (f" of {results['total_steps']}" if results.get("total_steps") else ""),
+        f"  checkpoint: {results['checkpoint_path']}",
+        f"  best:       {results['best_checkpoint_path']} (epoch {results.get('best_epoch')})",
+    ]
+    if last:
+        lines.append(
+            f"  last epoch: train/loss {last.get('train/loss', float('nan')):.4f}  "
+            f"val/loss {last.get('val/loss', float('nan')):.4f}  val/perplexity {last.get('val/perplexity', float('nan')):.2f}"
+        )
+    for item in results.get("skipped") or []:
+        lines.append(f"  skipped {item['path']}: {item['reason']}")
+    return lines
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .engine.trainer import Trainer
+
+    config = build_config(args)
+    trainer = Trainer(config, resume=args.resume, progress=not args.json and sys.stderr.isatty())
+    try:
+        results = trainer.fit()
+    finally:
+        trainer.runtime.close()
+    if not trainer.runtime.is_main:
+        return 0
+    if args.json:
+        print_json(results)
+    else:
+        for message in results.get("messages", []):
+            print(message, file=sys.stderr)
+        print("\n".join(summary_lines(results)))
+    if results.get("status") == "interrupted":
+        print("training stopped by a signal; a checkpoint was saved, run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .engine.recovery import recover
+
+    if args.checkpoint_dir:
+        if not Path(args.checkpoint_dir).exists():
+            raise CliError(f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder that holds the run")
+        results = recover(args.checkpoint_dir, search_dirs=[], run_name=args.run_name)
+    else:
+        results = recover(None, run_name=args.run_name)
+    if args.json:
+        print_json(results)
+    else:
+        print("\n".join(summary_lines(results)))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import list_checkpoints
+    from .engine.commit import MANIFEST_NAME, CheckpointCorrupt, verify
+
+    root = Path(args.path)
+    if not root.exists():
+        raise CliError(f"{root} does not exist; pass a checkpoint folder or a tree that holds checkpoints")
+    if (root / MANIFEST_NAME).exists():
+        targets = [root]
+    else:
+        targets = []
+        for folder, dirnames, _ in os.walk(root, followlinks=False):
+            targets += [path for _, path in list_checkpoints(Path(folder))]
+            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.startswith("step-")]
+    if not targets:
+        raise CliError(f"no checkpoint (step-NNNNNN folder) under {root}")
+    report = []
+    for path in sorted(targets):
+        try:
+            manifest = verify(path)
+            report.append({"path": str(path), "ok": True, "files": len(manifest["files"])})
+        except CheckpointCorrupt as exc:
+            report.append({"path": str(path), "ok": False, "reason": exc.reason, "file": exc.path})
+    bad = [r for r in report if not r["ok"]]
+    if args.json:
+        print_json({"checked": len(report), "failed": len(bad), "checkpoints": report})
+    else:
+        for r in report:
+            print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['path']}" + ("" if r["ok"] else f": {r['reason']}"))
+    if bad:
+        print(f"error: {len(bad)} of {len(report)} checkpoint(s) failed verification; first: {bad[0]['file']}: "
+              f"{bad[0]['reason']}", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .analysis import save_dashboard
+    from .engine.recovery import recover
+
+    results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
+    path = save_dashboard(results, args.output)
+    print_json({"dashboard": str(path)}) if args.json else print(f"dashboard written to {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .analysis import export_metrics_csv
+    from .engine.recovery import recover
+
+    results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
+    path, rows = export_metrics_csv(results, args.output)
+    print_json({"csv": str(path), "rows": rows}) if args.json else print(f"{rows} row(s) written to {path}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m utils.training", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a run, resuming it when it has a checkpoint")
+    t.add_argument("--preset", choices=sorted(PRESETS))
+    t.add_argument("--config", help="a JSON file written by TrainingConfig.to_json()")
+    t.add_argument("--workspace", help="workspace root (default ./training_output)")
+    t.add_argument("--run-name")
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--steps-per-epoch", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--corpus", help="a text file or a folder of text files (default: Python's stdlib source)")
+    t.add_argument("--save-every-steps", type=int)
+    t.add_argument("--save-every-seconds", type=float)
+    t.add_argument("--keep-last", type=int)
+    t.add_argument("--keep-best", type=int)
+    t.add_argument("--resume", default="auto", help="auto | never | PATH to a step-NNNNNN folder")
+    t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
+    t.add_argument("--save-mode", choices=["async", "sync"])
+    t.add_argument("--on-save-error", choices=["stop", "continue"])
+    t.add_argument("--json", action="store_true", help="print the results dict as JSON on stdout")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("recover", help="rebuild the results dict of the newest run from disk")
+    r.add_argument("--checkpoint-dir", help="look here only (a workspace, checkpoints/, a run or a step folder)")
+    r.add_argument("--run-name")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_recover)
+
+    v = sub.add_parser("verify", help="check every file hash of one checkpoint or of every checkpoint in a tree")
+    v.add_argument("path")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=cmd_verify)
+
+    for name, func, what in (
+        ("dashboard", cmd_dashboard, "the dashboard PNG"),
+        ("export", cmd_export, "the metrics CSV"),
+    ):
+        p = sub.add_parser(name, help=f"write {what} of a run into <workspace>/results/")
+        p.add_argument("--checkpoint-dir", help="where the run is (default: the default locations)")
+        p.add_argument("--run-name")
+        p.add_argument("--output", help="file to write (default <workspace>/results/<run_name>_...)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine.checkpoint import CheckpointError
+    from .engine.data import CorpusError
+    from .engine.experiment_db import ExperimentDBError
+    from .engine.runlock import RunLocked
+    from .engine.trainer import ResumeError
+
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    expected = (CliError, ConfigError, CorpusError, CheckpointError, ResumeError, RunLocked, ExperimentDBError)
+    try:
+        return args.func(args)
+    except expected as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one clear line instead of a traceback; TRAINING_DEBUG=1 shows it
+        if os.environ.get("TRAINING_DEBUG"):
+            raise
+        print(f"error: {type(exc).__name__}: {exc} (set TRAINING_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

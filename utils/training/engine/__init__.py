@@ -1,0 +1,1 @@
+"""The training library: model, data, loop, checkpoints, recovery, ExperimentDB. No notebook code."""

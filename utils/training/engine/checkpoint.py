@@ -1,0 +1,397 @@
+"""Checkpoints: what one holds, how it is saved (sync or async), loaded, listed and pruned.
+
+A checkpoint folder `step-NNNNNN/` holds `model.safetensors` (weights: no code runs on
+load), `training_state.pt` (optimizer, scheduler, scaler, RNG, data position; loads with
+`torch.load(weights_only=True)`), `trainer_state.json` (step, epoch, metrics, best, drift)
+and `MANIFEST.json`, committed by the protocol in `commit.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as safetensors_load
+
+from .commit import (
+    TEMP_PREFIX,
+    TRASH_PREFIX,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointWriteError,
+    HashingWriter,
+    cheap_check,
+    commit_dir,
+    new_temp_dir,
+    read_json,
+    remove_tree,
+    verify,
+    write_json_file,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "training_state.pt"
+TRAINER_FILE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
+
+
+class NoCheckpointFound(CheckpointError):
+    """No folder that passes the check exists where we looked."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Committed-looking step folders of a run, newest first (temp and trash folders excluded)."""
+    found = []
+    try:
+        entries = list(Path(run_dir).iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        match = STEP_DIR.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return sorted(found, reverse=True)
+
+
+def list_leftovers(run_dir: Path) -> list[Path]:
+    """Temp folders of saves that never finished, and trash of interrupted deletes."""
+    try:
+        return sorted(p for p in Path(run_dir).iterdir() if p.name.startswith((TEMP_PREFIX, TRASH_PREFIX)))
+    except OSError:
+        return []
+
+
+# -- serialisation ------------------------------------------------------------------------
+def _write_safetensors(writer: HashingWriter, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream tensors in the safetensors layout (8-byte header length, JSON header, raw
+    little-endian data) straight into the hashing writer: one pass, no full-file copy."""
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    writer.write(struct.pack("<Q", len(raw)) + raw)
+    for t in tensors.values():
+        if t.numel():
+            writer.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors that share storage (tied embeddings) are stored once; aliases map the rest."""
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...], torch.dtype], str] = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t
+    return unique, aliases
+
+
+def read_model_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        raw = path.read_bytes()
+        tensors = safetensors_load(raw)
+        header_len = struct.unpack("<Q", raw[:8])[0]
+        metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
+        aliases = json.loads(metadata.get("aliases", "{}"))
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise CheckpointCorrupt(path, f"not a valid safetensors file ({exc})") from exc
+    for alias, target in aliases.items():
+        tensors[alias] = tensors[target]
+    return tensors
+
+
+def read_training_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # an UnpicklingError for a payload that tries to run code, or a bad zip
+        raise CheckpointCorrupt(
+            path,
+            f"refused to load {path.name}: {str(exc).splitlines()[0][:200]}",
+            "a training_state.pt must hold only tensors and plain values; this file does not, "
+            "so it was not executed",
+        ) from exc
+
+
+# -- snapshot into reusable buffers ---------------------------------------------------------
+class StateBuffers:
+    """CPU copies of the state, allocated once and reused by every save (pinned on CUDA so
+    that the device-to-host copies are asynchronous)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self.copy_bytes = 0
+
+    def snapshot(self, obj: Any, path: tuple = ()) -> Any:
+        if isinstance(obj, torch.Tensor):
+            src = obj.detach()
+            buf = self._buffers.get(path)
+            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                pin = src.is_cuda and torch.cuda.is_available()
+                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+                self._buffers[path] = buf
+            buf.copy_(src, non_blocking=src.is_cuda)
+            self.copy_bytes += buf.numel() * buf.element_size()
+            return buf
+        if isinstance(obj, dict):
+            return {k: self.snapshot(v, (*path, k)) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            items = [self.snapshot(v, (*path, i)) for i, v in enumerate(obj)]
+            return items if isinstance(obj, list) else tuple(items)
+        return obj
+
+
+@dataclass
+class Snapshot:
+    step: int
+    model_state: dict[str, torch.Tensor]
+    aliases: dict[str, str]
+    training_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    manifest_fields: dict[str, Any]
+
+
+def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
+    """Write and commit one checkpoint. On any failure the temp folder is removed, nothing
+    already on disk is touched, and CheckpointWriteError says what happened."""
+    run_dir = Path(run_dir)
+    final = run_dir / step_dir_name(snap.step)
+    tmp: Path | None = None
+    try:
+        tmp = new_temp_dir(run_dir, final.name)
+        files: dict[str, dict[str, Any]] = {}
+        writer = HashingWriter(tmp / MODEL_FILE)
+        try:
+            _write_safetensors(writer, snap.model_state, {"aliases": json.dumps(snap.aliases), "step": str(snap.step)})
+        except BaseException:
+            writer.abort()
+            raise
+        files[MODEL_FILE] = writer.close()
+        buffer = io.BytesIO()
+        torch.save(snap.training_state, buffer)
+        writer = HashingWriter(tmp / STATE_FILE)
+        try:
+            writer.write(buffer.getbuffer())
+        except BaseException:
+            writer.abort()
+            raise
+        files[STATE_FILE] = writer.close()
+        files[TRAINER_FILE] = write_json_file(tmp / TRAINER_FILE, snap.trainer_state)
+        write_manifest(tmp, files, **snap.manifest_fields)
+        commit_dir(tmp, final)
+        return final
+    except OSError as exc:
+        if tmp is not None:
+            remove_tree(tmp)
+        raise CheckpointWriteError(
+            final,
+            f"save failed: {exc.strerror or exc}",
+            "free disk space or fix permissions; the previous checkpoints are intact",
+        ) from exc
+    except BaseException:
+        if tmp is not None:
+            remove_tree(tmp)
+        raise
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    model_state: dict[str, torch.Tensor]
+    training_state: dict[str, Any]
+    trainer_state: dict[str, Any]
+    manifest: dict[str, Any]
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *, verified: bool = False) -> LoadedCheckpoint:
+    """Verify every hash, then load. Raises CheckpointCorrupt naming the bad file."""
+    path = Path(path)
+    manifest = cheap_check(path) if verified else verify(path)
+    trainer_state = read_json(path / TRAINER_FILE, TRAINER_FILE)
+    if not isinstance(trainer_state, dict):
+        raise CheckpointCorrupt(path / TRAINER_FILE, "trainer state is not a JSON object")
+    return LoadedCheckpoint(
+        path=path,
+        step=int(manifest.get("step", trainer_state.get("step", 0))),
+        model_state=read_model_file(path / MODEL_FILE),
+        training_state=read_training_state(path / STATE_FILE, map_location),
+        trainer_state=trainer_state,
+        manifest=manifest,
+    )
+
+
+def latest_valid_checkpoint(run_dir: Path, *, full: bool = True) -> tuple[Path | None, list[dict[str, str]]]:
+    """Newest checkpoint that verifies (full hashes, or the cheap check), and what was passed over."""
+    skipped: list[dict[str, str]] = []
+    for _, path in list_checkpoints(run_dir):
+        try:
+            verify(path) if full else cheap_check(path)
+            return path, skipped
+        except CheckpointCorrupt as exc:
+            skipped.append({"path": str(path), "reason": exc.reason})
+    return None, skipped
+
+
+# -- retention ----------------------------------------------------------------------------
+def apply_retention(
+    run_dir: Path, *, keep_last: int, keep_best: int, monitor_metric: str, monitor_mode: str
+) -> list[Path]:
+    """Delete checkpoints beyond the newest `keep_last` and the best `keep_best` by the
+    monitored metric. `keep_last=0` keeps everything. The newest and the best are never
+    deleted; folders that fail the check are left for a person to look at."""
+    if keep_last == 0:
+        return []
+    scored: list[tuple[int, Path, float | None]] = []
+    for step, path in list_checkpoints(run_dir):
+        try:
+            manifest = cheap_check(path)
+        except CheckpointCorrupt:
+            continue
+        value = (manifest.get("metrics") or {}).get(monitor_metric)
+        scored.append((step, path, value if isinstance(value, (int, float)) else None))
+    if not scored:
+        return []
+    keep = {path for _, path, _ in scored[: max(keep_last, 1)]}
+    with_metric = [s for s in scored if s[2] is not None]
+    with_metric.sort(key=lambda s: (s[2] if monitor_mode == "min" else -s[2], -s[0]))
+    keep |= {path for _, path, _ in with_metric[: max(keep_best, 1)]}
+    deleted = []
+    for _, path, _ in scored:
+        if path not in keep:
+            remove_tree(path)
+            deleted.append(path)
+    return deleted
+
+
+# -- the manager: one guarded entry per action, background writer named and joined --------
+class CheckpointManager:
+    """Saves checkpoints for one run, synchronously or in a background thread.
+
+    `save()` copies the state into reusable CPU buffers (the only part the training loop
+    waits for), then commits in the writer thread. At most one save is in flight; a writer
+    error is raised by the next `save()`, `check()`, `wait_until_finished()` or `close()`.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        keep_last: int,
+        keep_best: int,
+        monitor_metric: str,
+        monitor_mode: str,
+        async_save: bool = True,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.monitor_metric = monitor_metric
+        self.monitor_mode = monitor_mode
+        self.async_save = async_save
+        self._buffers = StateBuffers()
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.last_saved_path: Path | None = None
+        self.saves_completed = 0
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(raise_errors=exc[0] is None)
+
+    def save(
+        self,
+        step: int,
+        *,
+        model_state: dict[str, torch.Tensor],
+        training_state: dict[str, Any],
+        trainer_state: dict[str, Any],
+        manifest_fields: dict[str, Any] | None = None,
+    ) -> None:
+        self.wait_until_finished()
+        unique, aliases = split_tied(model_state)
+        snap = Snapshot(
+            step=step,
+            model_state=self._buffers.snapshot(unique, ("model",)),
+            aliases=aliases,
+            training_state=self._buffers.snapshot(training_state, ("training",)),
+            trainer_state=json.loads(json.dumps(trainer_state)),  # a deep copy the loop cannot mutate
+            manifest_fields={"step": step, **(manifest_fields or {})},
+        )
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land first
+        if self.async_save:
+            self._thread = threading.Thread(target=self._commit, args=(snap,), name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        else:
+            self._commit(snap)
+            self.check()
+
+    def _commit(self, snap: Snapshot) -> None:
+        try:
+            self.last_saved_path = write_checkpoint(self.run_dir, snap)
+            self.saves_completed += 1
+            apply_retention(
+                self.run_dir,
+                keep_last=self.keep_last,
+                keep_best=self.keep_best,
+                monitor_metric=self.monitor_metric,
+                monitor_mode=self.monitor_mode,
+            )
+        except BaseException as exc:  # handed to the training thread by check()
+            self._error = exc
+
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def check(self) -> None:
+        """Raise the error of a finished background save, once."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def wait_until_finished(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.check()
+
+    def close(self, raise_errors: bool = True) -> None:
+        try:
+            self.wait_until_finished()
+        except BaseException:
+            if raise_errors:
+                raise
+            log.exception("the last checkpoint save failed")

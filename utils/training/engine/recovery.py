@@ -1,0 +1,201 @@
+"""Recovery: find the newest run on disk and rebuild the results dict from metadata alone.
+
+It reads JSON and `stat`, never weights: the newest checkpoint that passes the cheap check
+(manifest present and valid, every file present with its size) is taken, and everything
+passed over is listed in `skipped` with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
+from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+DEFAULT_SEARCH_DIRS = (
+    "/content/workspace/checkpoints",
+    "./training_output/checkpoints",
+    "./tmp_training_output/checkpoints",
+)
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins). A torn or
+    garbled line, as a crash in the middle of an append leaves, is ignored."""
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        raw = Path(path).read_bytes()
+    except OSError:
+        return []
+    for line in raw.splitlines():
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / RUN_FILE).is_file() or bool(list_checkpoints(path))
+
+
+def _runs_in(checkpoints_dir: Path) -> list[Path]:
+    try:
+        entries = [p for p in checkpoints_dir.iterdir() if not p.name.startswith(".")]
+    except OSError:
+        return []
+    return [p for p in entries if p.is_dir() and not p.is_symlink() and _is_run_dir(p)]
+
+
+def resolve_runs(path: Path) -> tuple[list[Path], Path | None]:
+    """What a user pointed at -> (run folders found, the one checkpoint named, if any).
+    Accepts a workspace, a checkpoints/ folder, a run folder or one checkpoint folder."""
+    if (path / MANIFEST_NAME).exists() or (path / TRAINER_FILE).exists():
+        return [path.parent], path
+    if _is_run_dir(path):
+        return [path], None
+    if (path / "checkpoints").is_dir():
+        return _runs_in(path / "checkpoints"), None
+    return _runs_in(path), None
+
+
+def _run_recency(run_dir: Path) -> float:
+    newest = list_checkpoints(run_dir)
+    try:
+        return (newest[0][1] if newest else run_dir).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _best_checkpoint(run_dir: Path, trainer_state: dict[str, Any], fallback: Path) -> Path:
+    best = trainer_state.get("best") or {}
+    name = best.get("checkpoint")
+    if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
+        try:
+            cheap_check(run_dir / name)
+            return run_dir / name
+        except CheckpointCorrupt:
+            pass  # the recorded best is gone or damaged: fall through to the newest valid one
+    return fallback
+
+
+def best_epoch(metrics_history: list[dict[str, Any]], metric: str = "val/loss", mode: str = "min") -> int | None:
+    scored = [
+        r for r in metrics_history if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+    ]
+    if not scored:
+        return metrics_history[-1]["epoch"] if metrics_history else None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda r: r[metric])["epoch"]
+
+
+def build_results(
+    run_dir: Path, *, checkpoint: Path | None = None, recovered: bool, skipped: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
+    """The results dict (see DESIGN.md) for one run folder, from metadata only."""
+    run_dir = Path(run_dir)
+    skipped = list(skipped or [])
+    if checkpoint is None:
+        for _, path in list_checkpoints(run_dir):
+            try:
+                cheap_check(path)
+                checkpoint = path
+                break
+            except CheckpointCorrupt as exc:
+                skipped.append({"path": str(path), "reason": exc.reason})
+    if checkpoint is None:
+        raise NoCheckpointFound(run_dir, "no complete checkpoint in this run folder", "train first, or point at another run")
+    skipped += [{"path": str(p), "reason": "unfinished save or delete (temporary folder), ignored"} for p in list_leftovers(run_dir)]
+    state = read_json(checkpoint / TRAINER_FILE, TRAINER_FILE)
+    if not isinstance(state, dict):
+        raise CheckpointCorrupt(checkpoint / TRAINER_FILE, "trainer state is not a JSON object")
+    run_info = {}
+    try:
+        run_info = read_json(run_dir / RUN_FILE, RUN_FILE)
+    except CheckpointCorrupt:
+        pass  # run.json is informative; the checkpoint's own state has everything needed
+    config = state.get("config") or run_info.get("config") or {}
+    epochs_done = int(state.get("epoch", 0))
+    # The checkpoint's own history is authoritative (it matches the weights); metrics.jsonl
+    # fills in only for a checkpoint that carries none.
+    rows = [r for r in state.get("metrics_history", []) if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
+    rows = rows or read_metrics_log(run_dir / METRICS_FILE)
+    by_epoch = {r["epoch"]: r for r in rows if 1 <= r["epoch"] <= epochs_done}
+    metrics_history = [by_epoch[e] for e in sorted(by_epoch)]
+    workspace = run_dir.parent.parent
+    monitor = config.get("monitor_metric", "val/loss")
+    return {
+        "run_name": state.get("run_name", run_dir.name),
+        "run_id": state.get("run_id", run_info.get("run_id")),
+        "workspace_root": str(workspace),
+        "checkpoint_dir": str(run_dir.parent),
+        "run_dir": str(run_dir),
+        "checkpoint_path": str(checkpoint),
+        "best_checkpoint_path": str(_best_checkpoint(run_dir, state, checkpoint)),
+        "config": config,
+        "metrics_history": metrics_history,
+        "best_epoch": best_epoch(metrics_history, "val/loss", "min"),
+        "best": state.get("best"),
+        "monitor_metric": monitor,
+        "drift_history": [d for d in state.get("drift_history", []) if d.get("epoch", 0) <= epochs_done],
+        "recovered": recovered,
+        "skipped": skipped,
+        "step": int(state.get("step", 0)),
+        "epoch": epochs_done,
+        "total_steps": state.get("total_steps"),
+        "completed": bool(state.get("completed", False)),
+        "resume_count": int(state.get("resume_count", 0)),
+    }
+
+
+def recover(
+    checkpoint_directory: str | os.PathLike | None = None,
+    search_dirs: list[str | os.PathLike] | None = None,
+    run_name: str | None = None,
+) -> dict[str, Any]:
+    """Search the given folder first, then the defaults; take the newest run (or `run_name`)
+    and its newest valid checkpoint. Raises NoCheckpointFound naming every place looked."""
+    candidates = [Path(checkpoint_directory).expanduser()] if checkpoint_directory else []
+    candidates += [Path(d).expanduser() for d in (DEFAULT_SEARCH_DIRS if search_dirs is None else search_dirs)]
+    searched: list[str] = []
+    skipped: list[dict[str, str]] = []
+    for base in candidates:
+        searched.append(str(base))
+        if not base.is_dir():
+            continue
+        runs, named_checkpoint = resolve_runs(base)
+        if run_name is not None:
+            runs = [r for r in runs if r.name == run_name]
+        for run_dir in sorted(runs, key=_run_recency, reverse=True):
+            checkpoint = None
+            if named_checkpoint is not None:
+                try:
+                    cheap_check(named_checkpoint)
+                    checkpoint = named_checkpoint
+                except CheckpointCorrupt as exc:
+                    skipped.append({"path": str(named_checkpoint), "reason": exc.reason})
+            try:
+                results = build_results(run_dir, checkpoint=checkpoint, recovered=True, skipped=skipped)
+            except NoCheckpointFound:
+                skipped.append({"path": str(run_dir), "reason": "run folder has no complete checkpoint"})
+                continue
+            except CheckpointCorrupt as exc:
+                skipped.append({"path": exc.path, "reason": exc.reason})
+                continue
+            results["searched"] = searched
+            return results
+    where = ", ".join(searched) if searched else "(no folders given)"
+    detail = f"; passed over: {'; '.join(s['path'] + ': ' + s['reason'] for s in skipped[:5])}" if skipped else ""
+    raise NoCheckpointFound(
+        where,
+        f"no complete checkpoint found{f' for run {run_name!r}' if run_name else ''}{detail}",
+        "train first, or pass the folder that holds the run (a workspace, checkpoints/, a run or a step folder)",
+    )

@@ -1,0 +1,572 @@
+"""The training loop: AdamW, warmup + cosine LR, grad clipping, AMP on CUDA, evaluation each
+epoch, drift metrics, and checkpoints at epoch ends, every N steps and every T seconds.
+
+Everything a resume needs is in the checkpoint: weights, optimizer, scheduler, scaler,
+every RNG, the data position and the epoch's running sums, so a run resumed from any step
+continues bit-identically on CPU. SIGTERM and a notebook interrupt (SIGINT) stop at the
+next step boundary with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import TrainingConfig
+from . import distributed as dist_utils
+from .checkpoint import CheckpointManager, LoadedCheckpoint, list_checkpoints, load_checkpoint
+from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir
+from .data import BatchStream, Corpus, token_histogram, validation_batches
+from .drift import epoch_drift, snapshot_parameters, update_ratios
+from .experiment_db import ExperimentDB
+from .model import ByteTransformer
+from .recovery import METRICS_FILE, RUN_FILE, build_results
+from .runlock import RunLock
+
+log = logging.getLogger(__name__)
+TRAINER_STATE_VERSION = 1
+MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "context_length")
+
+
+class ResumeError(RuntimeError):
+    """The requested resume cannot be done; the message names the path and the fix."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", dist_utils.local_rank())
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ResumeError(f"config device={name!r} but no CUDA device is available; use device='auto' or 'cpu'")
+    return device
+
+
+def resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace a JSONL file atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+class StopRequested:
+    """SIGTERM / SIGINT handlers that ask the loop to stop at the next step boundary.
+    A second SIGINT raises KeyboardInterrupt at once, for a loop that is stuck."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.reason is not None:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def __enter__(self) -> StopRequested:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Train one run. `fit()` returns the results dict; `model` holds the trained model."""
+
+    def __init__(self, config: TrainingConfig, *, resume: str = "auto", progress: bool = True) -> None:
+        if resume not in ("auto", "never") and not Path(resume).exists():
+            raise ResumeError(f"--resume {resume}: no such checkpoint folder; pass auto, never or a step-NNNNNN folder")
+        self.config = config
+        self.resume = resume
+        self.progress = progress
+        self.runtime = dist_utils.Runtime.from_env(config.device)
+        self.device = resolve_device(config.device) if not self.runtime.device else self.runtime.device
+        self.amp_dtype = resolve_amp_dtype(config.precision, self.device)
+        self.model: torch.nn.Module | None = None
+        self.save_errors: list[str] = []
+        self.messages: list[str] = []
+
+    # -- set-up ---------------------------------------------------------------------------
+    def _say(self, message: str) -> None:
+        log.info(message)
+        self.messages.append(message)
+
+    def _find_resume_checkpoint(self) -> LoadedCheckpoint | None:
+        run_dir = self.config.run_dir
+        if self.resume == "never":
+            if list_checkpoints(run_dir):
+                raise ResumeError(
+                    f"run folder {run_dir} already has checkpoints and --resume never was given; "
+                    "use --resume auto to continue it, or a new --run-name"
+                )
+            return None
+        if self.resume != "auto":
+            return load_checkpoint(Path(self.resume))  # the user named it: no silent fallback
+        for _, path in list_checkpoints(run_dir):
+            try:
+                loaded = load_checkpoint(path)
+            except CheckpointCorrupt as exc:
+                self._say(f"skipping checkpoint {path}: {exc.reason}; falling back to an older one")
+                continue
+            return loaded
+        return None
+
+    def _check_compatible(self, loaded: LoadedCheckpoint) -> None:
+        saved = loaded.trainer_state.get("config", {})
+        for name in MODEL_SHAPE_FIELDS:
+            if name in saved and saved[name] != getattr(self.config, name):
+                raise ResumeError(
+                    f"checkpoint {loaded.path} has {name}={saved[name]} but the config says "
+                    f"{getattr(self.config, name)}; use the same model size, or a new --run-name"
+                )
+        version = loaded.trainer_state.get("format_version", 1)
+        if isinstance(version, int) and version > TRAINER_STATE_VERSION:
+            raise ResumeError(f"{loaded.path}: trainer state version {version} is newer than this package; upgrade it")
+
+    def _open_db_run(self, db: ExperimentDB, run_info: dict[str, Any] | None) -> int:
+        cfg = self.config
+        if run_info is not None:
+            existing = db.get_run(run_info.get("run_id")) if isinstance(run_info.get("run_id"), int) else None
+            if existing is not None and existing["name"] == cfg.run_name:
+                return existing["id"]
+        return db.create_run(cfg.run_name, cfg.to_dict(), str(cfg.workspace_root))
+
+    # -- the loop -------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.config
+        rt = self.runtime
+        run_dir = cfg.run_dir
+        lock = RunLock(run_dir) if rt.is_main else None
+        try:
+            if lock is not None:
+                lock.acquire()
+                if lock.took_over_stale:
+                    self._say(f"took over the lock of {run_dir}, left by a process that no longer runs")
+            with StopRequested() as stop:
+                return self._fit(run_dir, stop)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
+        cfg, rt, device = self.config, self.runtime, self.device
+        seed_everything(cfg.seed)
+        corpus = Corpus.load(
+            cfg.corpus, max_bytes=cfg.corpus_max_bytes, val_fraction=cfg.val_fraction, context_length=cfg.context_length
+        )
+        model = ByteTransformer.from_config(cfg).to(device)
+        self.model = model
+        loaded = self._find_resume_checkpoint()
+        rt.check_same_choice(loaded.step if loaded is not None else -1)
+        if loaded is not None:
+            self._check_compatible(loaded)
+            model.load_state_dict(loaded.model_state)
+        train_model = rt.wrap_model(model, cfg.distributed_strategy)
+
+        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.learning_rate,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=device.type == "cuda",
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_multiplier(
+                s, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_lr_ratio=cfg.min_lr_ratio
+            ),
+        )
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        stream = BatchStream(
+            corpus.train, batch_size=cfg.batch_size, context_length=cfg.context_length, seed=cfg.seed, rank=rt.rank
+        )
+        val_batches = validation_batches(
+            corpus.val, count=cfg.eval_batches, batch_size=cfg.batch_size, context_length=cfg.context_length, seed=cfg.seed
+        )
+        val_counts = token_histogram(corpus.val)
+        probe = val_batches[0][0][: min(4, cfg.batch_size)].to(device)
+
+        # Per-epoch running sums live on the device (no host sync per step) and in checkpoints.
+        acc = self._fresh_accumulators(device)
+        state: dict[str, Any] = {
+            "step": 0, "epoch": 0, "metrics_history": [], "drift_history": [], "best": None,
+            "resume_count": 0, "wall_seconds": 0.0,
+        }  # fmt: skip
+        run_info: dict[str, Any] | None = None
+        if (run_dir / RUN_FILE).is_file():
+            try:
+                run_info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                run_info = None
+        if loaded is not None:
+            ts = loaded.trainer_state
+            optimizer.load_state_dict(loaded.training_state["optimizer"])
+            scheduler.load_state_dict(loaded.training_state["scheduler"])
+            if loaded.training_state.get("scaler"):
+                scaler.load_state_dict(loaded.training_state["scaler"])
+            stream.load_state_dict(loaded.training_state["data"])  # the position is the same on every rank
+            set_rng_state(loaded.training_state["rng"])
+            acc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in loaded.training_state["accumulators"].items()}
+            for key in ("step", "epoch", "metrics_history", "drift_history", "best", "wall_seconds"):
+                state[key] = ts.get(key, state[key])
+            state["resume_count"] = int(ts.get("resume_count", 0)) + 1
+            if ts.get("corpus_fingerprint") not in (None, corpus.fingerprint):
+                self._say("the corpus differs from the one this run was trained on; continuing with the new one")
+            self._say(f"resumed from {loaded.path} (step {state['step']}, epoch {state['epoch']})")
+
+        db: ExperimentDB | None = None
+        manager: CheckpointManager | None = None
+        status = "failed"
+        try:
+            if rt.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self._clean_leftovers(run_dir)
+                db = ExperimentDB(cfg.db_path)
+                run_id = self._open_db_run(db, run_info)
+                if run_info is None or run_info.get("run_id") != run_id:
+                    self._write_run_info(run_dir, run_id)
+                if loaded is not None:
+                    db.mark_resumed(run_id)
+                    db.delete_metrics_after(run_id, state["step"])
+                    rewrite_jsonl(run_dir / METRICS_FILE, state["metrics_history"])
+                elif (run_dir / METRICS_FILE).exists():
+                    rewrite_jsonl(run_dir / METRICS_FILE, [])
+                manager = CheckpointManager(
+                    run_dir,
+                    keep_last=cfg.keep_last,
+                    keep_best=cfg.keep_best,
+                    monitor_metric=cfg.monitor_metric,
+                    monitor_mode=cfg.monitor_mode,
+                    async_save=cfg.async_save,
+                )
+            else:
+                run_id = None
+            state["run_id"] = run_id = rt.broadcast_object(run_id)
+
+            status = self._loop(
+                train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
+                acc, state, manager, db, run_id, stop,
+            )  # fmt: skip
+            if manager is not None:
+                manager.close()
+        except BaseException:
+            if manager is not None:
+                manager.close(raise_errors=False)
+            if db is not None:
+                db.set_status(state.get("run_id"), "failed", finished=True) if state.get("run_id") else None
+            raise
+        finally:
+            if db is not None and status != "failed":
+                db.set_status(run_id, status, finished=status == "completed")
+                if manager is not None and manager.last_saved_path is not None:
+                    db.log_artifact(run_id, "checkpoint", str(manager.last_saved_path), step=state["step"])
+            if db is not None:
+                db.close()
+        rt.barrier()
+        results = build_results(run_dir, recovered=False)
+        results.update(status=status, messages=self.messages, save_errors=self.save_errors)
+        return results
+
+    @staticmethod
+    def _fresh_accumulators(device: torch.device) -> dict[str, Any]:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return {
+            "loss_sum": zero.clone(), "grad_norm_sum": zero.clone(), "grad_norm_sq_sum": zero.clone(),
+            "token_counts": torch.zeros(256, dtype=torch.float64, device=device),
+            "steps": 0, "seconds": 0.0,
+        }  # fmt: skip
+
+    def _clean_leftovers(self, run_dir: Path) -> None:
+        from .checkpoint import list_leftovers
+        from .commit import remove_tree
+
+        for leftover in list_leftovers(run_dir):
+            self._say(f"removing {leftover.name}: an unfinished save from an earlier process")
+            remove_tree(leftover)
+
+    def _write_run_info(self, run_dir: Path, run_id: int) -> None:
+        info = {
+            "run_id": run_id,
+            "run_name": self.config.run_name,
+            "config": self.config.to_dict(),
+            "created_at": time.time(),
+            "versions": {"torch": torch.__version__, "format": 1},
+        }
+        tmp = run_dir / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, run_dir / RUN_FILE)
+
+    def _loop(self, train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
+              acc, state, manager, db, run_id, stop) -> str:  # fmt: skip
+        cfg, rt, device = self.config, self.runtime, self.device
+        autocast = (
+            torch.autocast(device_type=device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+        )
+        tokens_per_step = cfg.batch_size * cfg.context_length * rt.world_size
+        bar = None
+        if self.progress and rt.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.total_steps, initial=state["step"], desc=cfg.run_name, unit="step", dynamic_ncols=True)
+        last_save_time = time.monotonic()
+        epoch_start = time.monotonic() - acc["seconds"]
+        train_model.train()
+        try:
+            while state["step"] < cfg.total_steps:
+                step = state["step"]
+                last_of_epoch = (step + 1) % cfg.steps_per_epoch == 0
+                x, y = stream.next_batch()
+                x = x.to(device, non_blocking=True)
+                y = y.to(device, non_blocking=True)
+                with autocast:
+                    logits = train_model(x)
+                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                before = snapshot_parameters(model) if last_of_epoch else None
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["step"] = step = step + 1
+                acc["loss_sum"] += loss.detach().double()
+                acc["grad_norm_sum"] += grad_norm.detach().double()
+                acc["grad_norm_sq_sum"] += grad_norm.detach().double() ** 2
+                acc["token_counts"] += torch.bincount(x.view(-1), minlength=256).double()
+                acc["steps"] += 1
+                if bar is not None:
+                    bar.update(1)
+                    if step % 25 == 0 or last_of_epoch:
+                        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+                reason = None
+                if last_of_epoch:
+                    self._end_epoch(model, val_batches, val_counts, probe, acc, state, before, scheduler,
+                                    tokens_per_step, time.monotonic() - epoch_start, run_id, db)  # fmt: skip
+                    reason = "epoch_end"
+                elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
+                    reason = "step"
+                elif cfg.save_every_seconds and time.monotonic() - last_save_time >= cfg.save_every_seconds:
+                    reason = "time"
+                stop_reason = rt.agree_on_stop(stop.reason)
+                if stop_reason is not None and reason is None:
+                    reason = "signal"
+                if reason is not None:
+                    acc["seconds"] = time.monotonic() - epoch_start
+                    self._save(manager, model, optimizer, scheduler, scaler, stream, acc, state, reason)
+                    last_save_time = time.monotonic()
+                if last_of_epoch:
+                    acc = self._fresh_accumulators(device)
+                    epoch_start = time.monotonic()
+                if manager is not None:
+                    self._surface_save_error(manager)
+                if stop_reason is not None:
+                    self._say(f"stopped by {stop_reason} at step {step}; checkpoint saved, resume with the same command")
+                    return "interrupted"
+            return "completed"
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _surface_save_error(self, manager: CheckpointManager) -> None:
+        try:
+            manager.check()
+        except CheckpointWriteError as exc:
+            if self.config.on_save_error == "stop":
+                raise
+            self.save_errors.append(str(exc))
+            self._say(f"checkpoint save failed, training continues (on_save_error=continue): {exc}")
+
+    @torch.no_grad()
+    def _evaluate(self, model, val_batches) -> float:
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
+        )
+        for x, y in val_batches:
+            x, y = x.to(self.device), y.to(self.device)
+            with autocast:
+                logits = model(x)
+            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)).double()
+        model.train()
+        return float(total) / len(val_batches)
+
+    def _end_epoch(self, model, val_batches, val_counts, probe, acc, state, before, scheduler, tokens_per_step,
+                   epoch_seconds, run_id, db) -> None:  # fmt: skip
+        cfg, rt = self.config, self.runtime
+        epoch = state["step"] // cfg.steps_per_epoch
+        sums = rt.all_reduce_sum(
+            torch.stack([acc["loss_sum"], acc["grad_norm_sum"], acc["grad_norm_sq_sum"]]).double()
+        )
+        steps = acc["steps"]
+        train_loss = float(sums[0]) / (steps * rt.world_size)
+        val_loss = self._evaluate(model, val_batches)
+        drift = epoch_drift(
+            model=model,
+            probe=probe,
+            train_token_counts=rt.all_reduce_sum(acc["token_counts"]).cpu(),
+            val_token_counts=val_counts,
+            grad_norm_sum=float(sums[1]) / rt.world_size,
+            grad_norm_sq_sum=float(sums[2]) / rt.world_size,
+            steps=steps,
+            update_ratio=update_ratios(before, model),
+            previous_entropy=state["drift_history"][-1]["drift/probe_entropy"] if state["drift_history"] else None,
+        )
+        row = {
+            "epoch": epoch,
+            "step": state["step"],
+            "train/loss": train_loss,
+            "train/perplexity": math.exp(min(train_loss, 50.0)),
+            "val/loss": val_loss,
+            "val/perplexity": math.exp(min(val_loss, 50.0)),
+            "learning_rate": scheduler.get_last_lr()[0],
+            "grad_norm": float(sums[1]) / (steps * rt.world_size),
+            "epoch_seconds": epoch_seconds,
+            "tokens_per_second": steps * tokens_per_step / max(epoch_seconds, 1e-9),
+            "time": time.time(),
+            **drift,
+        }
+        state["metrics_history"].append(row)
+        state["drift_history"].append({"epoch": epoch, "step": state["step"], **drift})
+        monitored = row.get(cfg.monitor_metric)
+        best = state["best"]
+        if isinstance(monitored, (int, float)) and math.isfinite(monitored):
+            better = best is None or (monitored < best["value"] if cfg.monitor_mode == "min" else monitored > best["value"])
+            if better:
+                from .checkpoint import step_dir_name
+
+                state["best"] = {
+                    "metric": cfg.monitor_metric, "mode": cfg.monitor_mode, "value": monitored,
+                    "step": state["step"], "epoch": epoch, "checkpoint": step_dir_name(state["step"]),
+                }  # fmt: skip
+        if rt.is_main:
+            append_jsonl(self.config.run_dir / METRICS_FILE, row)
+            if db is not None:
+                db.log_metrics(run_id, state["step"], epoch, {k: v for k, v in row.items() if k not in ("epoch", "step")})
+
+    def _save(self, manager, model, optimizer, scheduler, scaler, stream, acc, state, reason) -> None:
+        cfg, rt = self.config, self.runtime
+        training_state = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "rng": rng_state(),
+            "data": stream.state_dict(),
+            "accumulators": dict(acc),
+        }
+        step = state["step"]
+        epoch_done = step // cfg.steps_per_epoch
+        metrics = state["metrics_history"][-1] if reason == "epoch_end" and state["metrics_history"] else {}
+        trainer_state = {
+            "format_version": TRAINER_STATE_VERSION,
+            "run_name": cfg.run_name,
+            "run_id": state["run_id"],
+            "step": step,
+            "epoch": epoch_done,
+            "step_in_epoch": step - epoch_done * cfg.steps_per_epoch,
+            "total_steps": cfg.total_steps,
+            "completed": step >= cfg.total_steps,
+            "reason": reason,
+            "saved_at": time.time(),
+            "resume_count": state["resume_count"],
+            "wall_seconds": state["wall_seconds"],
+            "metrics_history": state["metrics_history"],
+            "drift_history": state["drift_history"],
+            "best": state["best"],
+            "config": cfg.to_dict(),
+            "world_size": rt.world_size,
+        }
+        manifest_fields = {
+            "epoch": epoch_done,
+            "reason": reason,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
+        }
+        rt.save_checkpoint(
+            manager, step, model=model, training_state=training_state, trainer_state=trainer_state,
+            manifest_fields=manifest_fields,
+        )  # fmt: skip
+
+
+def train(config: TrainingConfig, *, resume: str = "auto", progress: bool = True) -> dict[str, Any]:
+    """Train (or continue) the run described by `config`; returns the results dict."""
+    return Trainer(config, resume=resume, progress=progress).fit()
