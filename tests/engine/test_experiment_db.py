@@ -336,6 +336,7 @@ print(run_id, started, finished)
 """
 
 
+@pytest.mark.slow
 def test_two_processes_writing_at_once_lose_nothing(tmp_path: Path) -> None:
     db_path = tmp_path / "shared" / "experiments.db"
     writers = [

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS, ConfigError, TrainingConfig
+from .config import PRESETS, ConfigError, TrainingConfig, read_config_file
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -43,12 +43,11 @@ def print_json(data: Any) -> None:
 
 
 def build_config(args: argparse.Namespace) -> TrainingConfig:
-    if args.config:
-        config = TrainingConfig.load(args.config)
-        if args.preset:
-            config = TrainingConfig.from_preset(args.preset, **{**config.to_dict(), **PRESETS[args.preset]})
-    else:
-        config = TrainingConfig.from_preset(args.preset or "tiny")
+    """Preset, then the --config file, then the flags: each overrides the one before."""
+    from_file = read_config_file(args.config) if args.config else {}
+    preset = args.preset or from_file.get("preset") or "tiny"
+    if preset not in PRESETS:
+        raise ConfigError(f"config field preset={preset!r} is invalid: allowed one of {sorted(PRESETS)}")
     overrides = {
         "workspace_root": args.workspace,
         "run_name": args.run_name,
@@ -63,8 +62,10 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         "device": args.device,
         "async_save": {"async": True, "sync": False}.get(args.save_mode),
         "on_save_error": args.on_save_error,
+        "distributed_strategy": args.strategy,
     }
-    return config.replace(**{k: v for k, v in overrides.items() if v is not None})
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    return TrainingConfig.from_dict({**PRESETS[preset], **from_file, "preset": preset, **flags})
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -202,6 +203,7 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     t.add_argument("--save-mode", choices=["async", "sync"])
     t.add_argument("--on-save-error", choices=["stop", "continue"])
+    t.add_argument("--strategy", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
     t.add_argument("--json", action="store_true", help="print the results dict as JSON on stdout")
     t.set_defaults(func=cmd_train)
 

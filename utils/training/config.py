@@ -155,11 +155,23 @@ class TrainingConfig:
         need(is_int(self.epochs) and 1 <= self.epochs <= 100_000, "epochs", "an integer in [1, 100000]")
         need(is_int(self.steps_per_epoch) and self.steps_per_epoch >= 1, "steps_per_epoch", "an integer >= 1")
         need(is_int(self.eval_batches) and self.eval_batches >= 1, "eval_batches", "an integer >= 1")
-        need(is_int(self.save_every_steps) and self.save_every_steps >= 0, "save_every_steps", "an integer >= 0 (0 = off)")
-        need(is_num(self.save_every_seconds) and self.save_every_seconds >= 0, "save_every_seconds", "a number >= 0 (0 = off)")
+        need(
+            is_int(self.save_every_steps) and self.save_every_steps >= 0,
+            "save_every_steps",
+            "an integer >= 0 (0 = off)",
+        )
+        need(
+            is_num(self.save_every_seconds) and self.save_every_seconds >= 0,
+            "save_every_seconds",
+            "a number >= 0 (0 = off)",
+        )
         need(is_int(self.keep_last) and self.keep_last >= 0, "keep_last", "an integer >= 0 (0 keeps all)")
         need(is_int(self.keep_best) and self.keep_best >= 0, "keep_best", "an integer >= 0")
-        need(isinstance(self.monitor_metric, str) and self.monitor_metric != "", "monitor_metric", "a metric name such as 'val/loss'")
+        need(
+            isinstance(self.monitor_metric, str) and self.monitor_metric != "",
+            "monitor_metric",
+            "a metric name such as 'val/loss'",
+        )
         need(self.monitor_mode in ("min", "max"), "monitor_mode", "'min' or 'max'")
         need(isinstance(self.async_save, bool), "async_save", "true or false")
         need(self.on_save_error in ("stop", "continue"), "on_save_error", "'stop' or 'continue'")
@@ -217,14 +229,26 @@ class TrainingConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingConfig:
-        path = Path(path)
+        data = read_config_file(path)
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check the path") from exc
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path} is not UTF-8 text (is it a JSON config?)") from exc
-        try:
-            return cls.from_json(text)
+            return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A JSON config file as a dict (it may hold only some fields). Never evaluated as code."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}; check the path") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text (is it a JSON config?)") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a JSON object of field names and values")
+    return data

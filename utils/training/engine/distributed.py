@@ -92,28 +92,18 @@ class Runtime:
         steps = [None] * self.world_size
         dist.all_gather_object(steps, step)
         if len(set(steps)) != 1:
-            raise RuntimeError(f"ranks chose different checkpoints to resume from (steps {steps}); is the workspace shared?")
-
-    def agree_on_stop(self, reason: str | None) -> str | None:
-        """A stop asked of any rank stops them all at the same step."""
-        if not self.distributed:
-            return reason
-        flag = torch.tensor([1.0 if reason else 0.0], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return (reason or "peer stop") if flag.item() > 0 else None
-
-    # -- checkpoints ----------------------------------------------------------------------
-    def save_checkpoint(self, manager, step: int, *, model, training_state, trainer_state, manifest_fields) -> None:
-        if not self.distributed:
-            manager.save(
-                step,
-                model_state=model.state_dict(),
-                training_state=training_state,
-                trainer_state=trainer_state,
-                manifest_fields=manifest_fields,
+            raise RuntimeError(
+                f"ranks chose different checkpoints to resume from (steps {steps}); is the workspace shared?"
             )
-            return
-        raise NotImplementedError("distributed checkpoints are saved through torch.distributed.checkpoint")
+
+    def any_true(self, *flags: bool) -> list[bool]:
+        """Element-wise OR across ranks, so that a stop or a time-based save asked by any
+        rank happens on every rank at the same step."""
+        if not self.distributed:
+            return list(flags)
+        t = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return [bool(v) for v in t.tolist()]
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():

@@ -41,8 +41,13 @@ def mean_prediction_entropy(model: torch.nn.Module, probe: torch.Tensor) -> floa
     return float(-(log_probs.exp() * log_probs).sum(-1).mean())
 
 
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded (FSDP DTensor) parameter gathered whole; a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def snapshot_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().clone() for name, p in model.named_parameters()}
+    return {name: _full(p.detach()).clone() for name, p in model.named_parameters()}
 
 
 @torch.no_grad()
@@ -52,7 +57,7 @@ def update_ratios(before: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     for name, p in model.named_parameters():
         group = parameter_group(name)
         old = before[name]
-        delta_sq[group] = delta_sq.get(group, 0) + (p.detach().float() - old.float()).pow(2).sum()
+        delta_sq[group] = delta_sq.get(group, 0) + (_full(p.detach()).float() - old.float()).pow(2).sum()
         base_sq[group] = base_sq.get(group, 0) + old.float().pow(2).sum()
     return {
         f"drift/update_ratio/{g}": float(delta_sq[g].sqrt() / base_sq[g].sqrt().clamp_min(1e-12))

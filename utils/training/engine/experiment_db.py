@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -74,6 +74,7 @@ CREATE INDEX IF NOT EXISTS artifacts_by_run ON artifacts (run_id, id);
 """
 
 _T = TypeVar("_T")
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # result codes; sqlite3 names them from 3.11
 
 
 class ExperimentDBError(Exception):
@@ -85,9 +86,9 @@ class RunNotFound(ExperimentDBError, LookupError):
 
 
 def _is_lock_error(error: sqlite3.Error) -> bool:
-    code = getattr(error, "sqlite_errorcode", None)
+    code = getattr(error, "sqlite_errorcode", None)  # Python 3.11+
     if code is not None:
-        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+        return code & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
     message = str(error).lower()
     return "locked" in message or "busy" in message
 
@@ -240,7 +241,7 @@ class ExperimentDB:
                 self._conn.close()
                 self._conn = None
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> ExperimentDB:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -27,9 +27,18 @@ import torch.nn.functional as F
 
 from ..config import TrainingConfig
 from . import distributed as dist_utils
-from .checkpoint import CheckpointManager, LoadedCheckpoint, list_checkpoints, load_checkpoint
-from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir
+from .checkpoint import (
+    CheckpointManager,
+    LoadedCheckpoint,
+    list_checkpoints,
+    list_leftovers,
+    load_checkpoint,
+    read_training_state,
+    step_dir_name,
+)
+from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, remove_tree
 from .data import BatchStream, Corpus, token_histogram, validation_batches
+from .dist_checkpoint import is_distributed_checkpoint, load_distributed, rank_state_file, save_distributed
 from .drift import epoch_drift, snapshot_parameters, update_ratios
 from .experiment_db import ExperimentDB
 from .model import ByteTransformer
@@ -87,7 +96,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
     random.setstate(state["python"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    np.random.set_state(
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -230,6 +241,7 @@ class Trainer:
         corpus = Corpus.load(
             cfg.corpus, max_bytes=cfg.corpus_max_bytes, val_fraction=cfg.val_fraction, context_length=cfg.context_length
         )
+        self.corpus_fingerprint = corpus.fingerprint
         model = ByteTransformer.from_config(cfg).to(device)
         self.model = model
         loaded = self._find_resume_checkpoint()
@@ -258,7 +270,11 @@ class Trainer:
             corpus.train, batch_size=cfg.batch_size, context_length=cfg.context_length, seed=cfg.seed, rank=rt.rank
         )
         val_batches = validation_batches(
-            corpus.val, count=cfg.eval_batches, batch_size=cfg.batch_size, context_length=cfg.context_length, seed=cfg.seed
+            corpus.val,
+            count=cfg.eval_batches,
+            batch_size=cfg.batch_size,
+            context_length=cfg.context_length,
+            seed=cfg.seed,
         )
         val_counts = token_histogram(corpus.val)
         probe = val_batches[0][0][: min(4, cfg.batch_size)].to(device)
@@ -277,13 +293,27 @@ class Trainer:
                 run_info = None
         if loaded is not None:
             ts = loaded.trainer_state
-            optimizer.load_state_dict(loaded.training_state["optimizer"])
-            scheduler.load_state_dict(loaded.training_state["scheduler"])
-            if loaded.training_state.get("scaler"):
-                scaler.load_state_dict(loaded.training_state["scaler"])
-            stream.load_state_dict(loaded.training_state["data"])  # the position is the same on every rank
-            set_rng_state(loaded.training_state["rng"])
-            acc = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in loaded.training_state["accumulators"].items()}
+            training_state = loaded.training_state
+            own_file = loaded.path / rank_state_file(rt.rank)
+            if rt.rank > 0 and own_file.is_file():  # this rank's RNG and running sums (same world size)
+                training_state = read_training_state(own_file)
+            if is_distributed_checkpoint(loaded.path):
+                load_distributed(loaded.path, train_model, optimizer)
+            elif rt.distributed and cfg.distributed_strategy == "fsdp":
+                raise ResumeError(
+                    f"{loaded.path} was written by a single process; an FSDP job resumes only from FSDP/DDP "
+                    "checkpoints. Resume it once with DDP (the default strategy), then switch to FSDP"
+                )
+            else:
+                optimizer.load_state_dict(training_state["optimizer"])
+            scheduler.load_state_dict(training_state["scheduler"])
+            if training_state.get("scaler"):
+                scaler.load_state_dict(training_state["scaler"])
+            stream.load_state_dict(training_state["data"])  # the position is the same on every rank
+            set_rng_state(training_state["rng"])
+            acc = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in training_state["accumulators"].items()
+            }
             for key in ("step", "epoch", "metrics_history", "drift_history", "best", "wall_seconds"):
                 state[key] = ts.get(key, state[key])
             state["resume_count"] = int(ts.get("resume_count", 0)) + 1
@@ -354,9 +384,6 @@ class Trainer:
         }  # fmt: skip
 
     def _clean_leftovers(self, run_dir: Path) -> None:
-        from .checkpoint import list_leftovers
-        from .commit import remove_tree
-
         for leftover in list_leftovers(run_dir):
             self._say(f"removing {leftover.name}: an unfinished save from an earlier process")
             remove_tree(leftover)
@@ -377,7 +404,9 @@ class Trainer:
               acc, state, manager, db, run_id, stop) -> str:  # fmt: skip
         cfg, rt, device = self.config, self.runtime, self.device
         autocast = (
-            torch.autocast(device_type=device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
+            torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+            if self.amp_dtype is not None
+            else nullcontext()
         )
         tokens_per_step = cfg.batch_size * cfg.context_length * rt.world_size
         bar = None
@@ -402,6 +431,8 @@ class Trainer:
                 scaler.unscale_(optimizer)
                 max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor already reduced across ranks
+                    grad_norm = grad_norm.full_tensor()
                 before = snapshot_parameters(model) if last_of_epoch else None
                 scaler.step(optimizer)
                 scaler.update()
@@ -425,14 +456,16 @@ class Trainer:
                     reason = "epoch_end"
                 elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
                     reason = "step"
-                elif cfg.save_every_seconds and time.monotonic() - last_save_time >= cfg.save_every_seconds:
+                time_due = bool(cfg.save_every_seconds) and time.monotonic() - last_save_time >= cfg.save_every_seconds
+                time_due, stop_now = rt.any_true(time_due, stop.reason is not None)
+                stop_reason = (stop.reason or "a signal to another rank") if stop_now else None
+                if reason is None and time_due:
                     reason = "time"
-                stop_reason = rt.agree_on_stop(stop.reason)
-                if stop_reason is not None and reason is None:
+                if reason is None and stop_reason is not None:
                     reason = "signal"
                 if reason is not None:
                     acc["seconds"] = time.monotonic() - epoch_start
-                    self._save(manager, model, optimizer, scheduler, scaler, stream, acc, state, reason)
+                    self._save(manager, train_model, optimizer, scheduler, scaler, stream, acc, state, reason)
                     last_save_time = time.monotonic()
                 if last_of_epoch:
                     acc = self._fresh_accumulators(device)
@@ -440,7 +473,9 @@ class Trainer:
                 if manager is not None:
                     self._surface_save_error(manager)
                 if stop_reason is not None:
-                    self._say(f"stopped by {stop_reason} at step {step}; checkpoint saved, resume with the same command")
+                    self._say(
+                        f"stopped by {stop_reason} at step {step}; checkpoint saved, resume with the same command"
+                    )
                     return "interrupted"
             return "completed"
         finally:
@@ -475,9 +510,7 @@ class Trainer:
                    epoch_seconds, run_id, db) -> None:  # fmt: skip
         cfg, rt = self.config, self.runtime
         epoch = state["step"] // cfg.steps_per_epoch
-        sums = rt.all_reduce_sum(
-            torch.stack([acc["loss_sum"], acc["grad_norm_sum"], acc["grad_norm_sq_sum"]]).double()
-        )
+        sums = rt.all_reduce_sum(torch.stack([acc["loss_sum"], acc["grad_norm_sum"], acc["grad_norm_sq_sum"]]).double())
         steps = acc["steps"]
         train_loss = float(sums[0]) / (steps * rt.world_size)
         val_loss = self._evaluate(model, val_batches)
@@ -511,10 +544,10 @@ class Trainer:
         monitored = row.get(cfg.monitor_metric)
         best = state["best"]
         if isinstance(monitored, (int, float)) and math.isfinite(monitored):
-            better = best is None or (monitored < best["value"] if cfg.monitor_mode == "min" else monitored > best["value"])
+            better = best is None or (
+                monitored < best["value"] if cfg.monitor_mode == "min" else monitored > best["value"]
+            )
             if better:
-                from .checkpoint import step_dir_name
-
                 state["best"] = {
                     "metric": cfg.monitor_metric, "mode": cfg.monitor_mode, "value": monitored,
                     "step": state["step"], "epoch": epoch, "checkpoint": step_dir_name(state["step"]),
@@ -522,7 +555,9 @@ class Trainer:
         if rt.is_main:
             append_jsonl(self.config.run_dir / METRICS_FILE, row)
             if db is not None:
-                db.log_metrics(run_id, state["step"], epoch, {k: v for k, v in row.items() if k not in ("epoch", "step")})
+                db.log_metrics(
+                    run_id, state["step"], epoch, {k: v for k, v in row.items() if k not in ("epoch", "step")}
+                )
 
     def _save(self, manager, model, optimizer, scheduler, scaler, stream, acc, state, reason) -> None:
         cfg, rt = self.config, self.runtime
@@ -555,16 +590,30 @@ class Trainer:
             "best": state["best"],
             "config": cfg.to_dict(),
             "world_size": rt.world_size,
+            "corpus_fingerprint": self.corpus_fingerprint,
         }
         manifest_fields = {
             "epoch": epoch_done,
             "reason": reason,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         }
-        rt.save_checkpoint(
-            manager, step, model=model, training_state=training_state, trainer_state=trainer_state,
-            manifest_fields=manifest_fields,
-        )  # fmt: skip
+        if not rt.distributed:
+            manager.save(
+                step, model_state=model.state_dict(), training_state=training_state,
+                trainer_state=trainer_state, manifest_fields=manifest_fields,
+            )  # fmt: skip
+            return
+        try:
+            save_distributed(
+                rt, cfg.run_dir, step, model=model, optimizer=optimizer, training_state=training_state,
+                trainer_state=trainer_state, manifest_fields=manifest_fields, keep_last=cfg.keep_last,
+                keep_best=cfg.keep_best, monitor_metric=cfg.monitor_metric, monitor_mode=cfg.monitor_mode,
+            )  # fmt: skip
+        except CheckpointWriteError as exc:
+            if cfg.on_save_error == "stop":
+                raise
+            self.save_errors.append(str(exc))
+            self._say(f"checkpoint save failed, training continues (on_save_error=continue): {exc}")
 
 
 def train(config: TrainingConfig, *, resume: str = "auto", progress: bool = True) -> dict[str, Any]:
