@@ -414,7 +414,8 @@ class Trainer:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.total_steps, initial=state["step"], desc=cfg.run_name, unit="step", dynamic_ncols=True)
-        last_save_time = time.monotonic()
+        last_save_time = session_start = time.monotonic()
+        wall_base = state["wall_seconds"]
         epoch_start = time.monotonic() - acc["seconds"]
         train_model.train()
         try:
@@ -454,6 +455,10 @@ class Trainer:
                     self._end_epoch(model, val_batches, val_counts, probe, acc, state, before, scheduler,
                                     tokens_per_step, time.monotonic() - epoch_start, run_id, db)  # fmt: skip
                     reason = "epoch_end"
+                    # The epoch is done: its sums are in the metrics row, and the checkpoint must
+                    # carry the next epoch's (empty) ones, or a resume would count this epoch twice.
+                    acc = self._fresh_accumulators(device)
+                    epoch_start = time.monotonic()
                 elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
                     reason = "step"
                 time_due = bool(cfg.save_every_seconds) and time.monotonic() - last_save_time >= cfg.save_every_seconds
@@ -465,11 +470,9 @@ class Trainer:
                     reason = "signal"
                 if reason is not None:
                     acc["seconds"] = time.monotonic() - epoch_start
+                    state["wall_seconds"] = wall_base + time.monotonic() - session_start
                     self._save(manager, train_model, optimizer, scheduler, scaler, stream, acc, state, reason)
                     last_save_time = time.monotonic()
-                if last_of_epoch:
-                    acc = self._fresh_accumulators(device)
-                    epoch_start = time.monotonic()
                 if manager is not None:
                     self._surface_save_error(manager)
                 if stop_reason is not None:
