@@ -332,7 +332,12 @@ class Trainer:
                 run_id = self._open_db_run(db, run_info)
                 if run_info is None or run_info.get("run_id") != run_id:
                     self._write_run_info(run_dir, run_id)
-                if loaded is not None:
+                if loaded is not None and state["step"] >= cfg.total_steps:
+                    self._say(
+                        f"run {cfg.run_name} is already complete at step {state['step']}; "
+                        "raise epochs to train further, or use a new run name"
+                    )
+                elif loaded is not None:
                     db.mark_resumed(run_id)
                     db.delete_metrics_after(run_id, state["step"])
                     rewrite_jsonl(run_dir / METRICS_FILE, state["metrics_history"])
