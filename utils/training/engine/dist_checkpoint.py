@@ -63,74 +63,112 @@ def _hash_file(path: Path) -> dict[str, Any]:
     return {"size_bytes": size, "hash": hasher.hexdigest()}
 
 
-def save_distributed(
-    runtime: Any,
-    run_dir: Path,
-    step: int,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    training_state: dict[str, Any],
-    trainer_state: dict[str, Any],
-    manifest_fields: dict[str, Any],
-    keep_last: int,
-    keep_best: int,
-    monitor_metric: str,
-    monitor_mode: str,
-) -> Path:
-    """Collective: every rank calls it at the same step. Returns the committed folder."""
-    rank = runtime.rank
-    final = Path(run_dir) / step_dir_name(step)
-    tmp_name = new_temp_dir(Path(run_dir), final.name).name if runtime.is_main else None
-    tmp = Path(run_dir) / runtime.broadcast_object(tmp_name)
-    error: str | None = None
-    try:
-        model_state, optim_state = get_state_dict(model, optimizer)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=tmp / DCP_DIR)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        buffer = io.BytesIO()
-        torch.save({k: v for k, v in training_state.items() if k != "optimizer"}, buffer)
-        writer = HashingWriter(tmp / rank_state_file(rank))
-        writer.write(buffer.getbuffer())
-        writer.close()
-        if runtime.is_main:
-            unique, aliases = split_tied({k: v.contiguous() for k, v in full.items()})
-            save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
-            with open(tmp / MODEL_FILE, "rb+") as f:
-                os.fsync(f.fileno())
-            write_json_file(tmp / TRAINER_FILE, trainer_state)
-    except OSError as exc:
-        error = f"rank {rank}: {exc.strerror or exc}"
-    errors = [None] * runtime.world_size
-    dist.all_gather_object(errors, error)  # doubles as the barrier: every shard is on disk
-    failed = [e for e in errors if e]
-    if failed:
-        if runtime.is_main:
-            remove_tree(tmp)
-        raise CheckpointWriteError(
-            final, f"distributed save failed: {'; '.join(failed)}", "free disk space; older checkpoints are intact"
-        )
-    if runtime.is_main:
+class DistributedCheckpointManager:
+    """Collective saves for a torchrun job, with the verbs of CheckpointManager.
+
+    `save()` writes every rank's shard through `dcp.async_save` (staged to CPU, written in a
+    background thread over a dedicated gloo group, so it never interleaves with the
+    training collectives) or `dcp.save`; the commit (barrier, manifest by rank 0, rename)
+    happens in `wait_until_finished()`, which the next save and `close()` call on every rank.
+    """
+
+    def __init__(
+        self, runtime: Any, run_dir: Path, *, keep_last: int, keep_best: int, monitor_metric: str,
+        monitor_mode: str, async_save: bool = True,
+    ) -> None:  # fmt: skip
+        self.runtime = runtime
+        self.run_dir = Path(run_dir)
+        self.retention = dict(keep_last=keep_last, keep_best=keep_best, monitor_metric=monitor_metric,
+                              monitor_mode=monitor_mode)  # fmt: skip
+        self.async_save = async_save and hasattr(dcp, "async_save")
+        self._group = dist.new_group(backend="gloo") if self.async_save else None
+        self._pending: dict[str, Any] | None = None
+        self.last_saved_path: Path | None = None
+        self.saves_completed = 0
+
+    def save(
+        self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+        training_state: dict[str, Any], trainer_state: dict[str, Any], manifest_fields: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.wait_until_finished()
+        rt = self.runtime
+        final = self.run_dir / step_dir_name(step)
+        tmp_name = new_temp_dir(self.run_dir, final.name).name if rt.is_main else None
+        tmp = self.run_dir / rt.broadcast_object(tmp_name)
+        pending: dict[str, Any] = {"tmp": tmp, "final": final, "future": None, "error": None,
+                                   "fields": {"step": step, **manifest_fields}}  # fmt: skip
         try:
-            files = {}
-            for folder, _, names in os.walk(tmp):
-                for name in names:
-                    path = Path(folder) / name
-                    files[path.relative_to(tmp).as_posix()] = _hash_file(path)
-            fsync_dir(tmp / DCP_DIR)
-            write_manifest(tmp, files, world_size=runtime.world_size, **manifest_fields)
-            commit_dir(tmp, final)
-            apply_retention(
-                Path(run_dir), keep_last=keep_last, keep_best=keep_best,
-                monitor_metric=monitor_metric, monitor_mode=monitor_mode,
-            )  # fmt: skip
+            model_state, optim_state = get_state_dict(model, optimizer)
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            buffer = io.BytesIO()
+            torch.save({k: v for k, v in training_state.items() if k != "optimizer"}, buffer)
+            writer = HashingWriter(tmp / rank_state_file(rt.rank))
+            writer.write(buffer.getbuffer())
+            writer.close()
+            if rt.is_main:
+                unique, aliases = split_tied({k: v.contiguous() for k, v in full.items()})
+                save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
+                with open(tmp / MODEL_FILE, "rb+") as f:
+                    os.fsync(f.fileno())
+                write_json_file(tmp / TRAINER_FILE, trainer_state)
+            state = {"model": model_state, "optim": optim_state}
+            if self.async_save:
+                pending["future"] = dcp.async_save(state, checkpoint_id=tmp / DCP_DIR, process_group=self._group)
+            else:
+                dcp.save(state, checkpoint_id=tmp / DCP_DIR)
         except OSError as exc:
-            remove_tree(tmp)
-            error = f"commit failed: {exc.strerror or exc}"
-    error = runtime.broadcast_object(error)
-    if error:
-        raise CheckpointWriteError(final, error, "free disk space; older checkpoints are intact")
-    return final
+            pending["error"] = f"rank {rt.rank}: {exc.strerror or exc}"
+        self._pending = pending
+        if not self.async_save:
+            self.wait_until_finished()
+
+    def wait_until_finished(self) -> None:
+        """Collective: finish the save in flight and commit it (rank 0) once every shard is written."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        rt = self.runtime
+        error = pending["error"]
+        if pending["future"] is not None and error is None:
+            try:
+                pending["future"].result()
+            except Exception as exc:  # the writer thread's OSError, or a failed collective
+                error = f"rank {rt.rank}: {exc}"
+        errors = [None] * rt.world_size
+        dist.all_gather_object(errors, error)  # doubles as the barrier: every shard is on disk
+        failed = [e for e in errors if e]
+        tmp, final = pending["tmp"], pending["final"]
+        if not failed and rt.is_main:
+            try:
+                files = {}
+                for folder, _, names in os.walk(tmp):
+                    for name in names:
+                        path = Path(folder) / name
+                        files[path.relative_to(tmp).as_posix()] = _hash_file(path)
+                fsync_dir(tmp / DCP_DIR)
+                write_manifest(tmp, files, world_size=rt.world_size, **pending["fields"])
+                commit_dir(tmp, final)
+                apply_retention(self.run_dir, **self.retention)
+            except OSError as exc:
+                failed = [f"commit: {exc.strerror or exc}"]
+        failed = rt.broadcast_object(failed)
+        if failed:
+            if rt.is_main:
+                remove_tree(tmp)
+            raise CheckpointWriteError(final, f"distributed save failed: {'; '.join(failed)}",
+                                       "free disk space; older checkpoints are intact")  # fmt: skip
+        self.last_saved_path = final
+        self.saves_completed += 1
+
+    def check(self) -> None:
+        """Errors of a distributed save surface at the collective wait_until_finished()."""
+
+    def close(self, raise_errors: bool = True) -> None:
+        try:
+            self.wait_until_finished()
+        except CheckpointWriteError:
+            if raise_errors:
+                raise
 
 
 def load_distributed(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:

@@ -19,6 +19,21 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def _store_for_this_attempt(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store, with keys private to this torchrun attempt. torchrun keeps one
+    store across `--max-restarts`, and the process group's keys from a killed attempt
+    (a dead rank's address) would otherwise be read by the restarted ranks."""
+    use_agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    base = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not use_agent_store,
+        timeout=timeout,
+    )
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", base)
+
+
 @dataclass
 class Runtime:
     rank: int = 0
@@ -47,7 +62,14 @@ class Runtime:
             device = torch.device("cpu")
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=float(os.environ.get("TRAINING_DIST_TIMEOUT", "120")))
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+            rank = int(os.environ["RANK"])
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                store=_store_for_this_attempt(rank, world_size, timeout),
+                rank=rank,
+                world_size=world_size,
+                timeout=timeout,
+            )
         return cls(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
     # -- model ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, remove_tree
 from .data import BatchStream, Corpus, token_histogram, validation_batches
-from .dist_checkpoint import is_distributed_checkpoint, load_distributed, rank_state_file, save_distributed
+from .dist_checkpoint import DistributedCheckpointManager, is_distributed_checkpoint, load_distributed, rank_state_file
 from .drift import epoch_drift, snapshot_parameters, update_ratios
 from .experiment_db import ExperimentDB
 from .model import ByteTransformer
@@ -343,17 +343,15 @@ class Trainer:
                     rewrite_jsonl(run_dir / METRICS_FILE, state["metrics_history"])
                 elif (run_dir / METRICS_FILE).exists():
                     rewrite_jsonl(run_dir / METRICS_FILE, [])
-                manager = CheckpointManager(
-                    run_dir,
-                    keep_last=cfg.keep_last,
-                    keep_best=cfg.keep_best,
-                    monitor_metric=cfg.monitor_metric,
-                    monitor_mode=cfg.monitor_mode,
-                    async_save=cfg.async_save,
-                )
             else:
                 run_id = None
             state["run_id"] = run_id = rt.broadcast_object(run_id)
+            retention = dict(keep_last=cfg.keep_last, keep_best=cfg.keep_best, monitor_metric=cfg.monitor_metric,
+                             monitor_mode=cfg.monitor_mode, async_save=cfg.async_save)  # fmt: skip
+            if rt.distributed:
+                manager = DistributedCheckpointManager(rt, run_dir, **retention)
+            elif rt.is_main:
+                manager = CheckpointManager(run_dir, **retention)
 
             status = self._loop(
                 train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
@@ -362,7 +360,7 @@ class Trainer:
             if manager is not None:
                 manager.close()
         except BaseException:
-            if manager is not None:
+            if manager is not None and not rt.distributed:  # a collective wait could hang on a dead peer
                 manager.close(raise_errors=False)
             if db is not None:
                 db.set_status(state.get("run_id"), "failed", finished=True) if state.get("run_id") else None
@@ -494,10 +492,13 @@ class Trainer:
         try:
             manager.check()
         except CheckpointWriteError as exc:
-            if self.config.on_save_error == "stop":
-                raise
-            self.save_errors.append(str(exc))
-            self._say(f"checkpoint save failed, training continues (on_save_error=continue): {exc}")
+            self._handle_save_error(exc)
+
+    def _handle_save_error(self, exc: CheckpointWriteError) -> None:
+        if self.config.on_save_error == "stop":
+            raise exc
+        self.save_errors.append(str(exc))
+        self._say(f"checkpoint save failed, training continues (on_save_error=continue): {exc}")
 
     @torch.no_grad()
     def _evaluate(self, model, val_batches) -> float:
@@ -605,23 +606,15 @@ class Trainer:
             "reason": reason,
             "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
         }
-        if not rt.distributed:
-            manager.save(
-                step, model_state=model.state_dict(), training_state=training_state,
-                trainer_state=trainer_state, manifest_fields=manifest_fields,
-            )  # fmt: skip
-            return
         try:
-            save_distributed(
-                rt, cfg.run_dir, step, model=model, optimizer=optimizer, training_state=training_state,
-                trainer_state=trainer_state, manifest_fields=manifest_fields, keep_last=cfg.keep_last,
-                keep_best=cfg.keep_best, monitor_metric=cfg.monitor_metric, monitor_mode=cfg.monitor_mode,
-            )  # fmt: skip
+            if rt.distributed:
+                manager.save(step, model=model, optimizer=optimizer, training_state=training_state,
+                             trainer_state=trainer_state, manifest_fields=manifest_fields)  # fmt: skip
+            elif manager is not None:
+                manager.save(step, model_state=model.state_dict(), training_state=training_state,
+                             trainer_state=trainer_state, manifest_fields=manifest_fields)  # fmt: skip
         except CheckpointWriteError as exc:
-            if cfg.on_save_error == "stop":
-                raise
-            self.save_errors.append(str(exc))
-            self._say(f"checkpoint save failed, training continues (on_save_error=continue): {exc}")
+            self._handle_save_error(exc)
 
 
 def train(config: TrainingConfig, *, resume: str = "auto", progress: bool = True) -> dict[str, Any]:
