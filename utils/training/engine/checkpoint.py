@@ -8,7 +8,6 @@ and `MANIFEST.json`, committed by the protocol in `commit.py`.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
@@ -21,7 +20,13 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
+try:
+    from torch.utils.serialization import config as _serialization_config
+except ImportError:  # torch < 2.6 has no switch for the zip CRC32
+    _serialization_config = None
+
 from .commit import (
+    MANIFEST_NAME,
     TEMP_PREFIX,
     TRASH_PREFIX,
     CheckpointCorrupt,
@@ -31,12 +36,12 @@ from .commit import (
     cheap_check,
     commit_dir,
     new_temp_dir,
-    read_json,
     remove_tree,
     verify,
     write_json_file,
     write_manifest,
 )
+from .trainer_state import read_trainer_state
 
 log = logging.getLogger(__name__)
 
@@ -124,11 +129,32 @@ def read_model_file(path: Path) -> dict[str, torch.Tensor]:
         header_len = struct.unpack("<Q", raw[:8])[0]
         metadata = json.loads(raw[8 : 8 + header_len]).get("__metadata__") or {}
         aliases = json.loads(metadata.get("aliases", "{}"))
+        for alias, target in aliases.items():
+            tensors[alias] = tensors[target]
     except Exception as exc:  # safetensors raises its own error types for malformed files
         raise CheckpointCorrupt(path, f"not a valid safetensors file ({exc})") from exc
-    for alias, target in aliases.items():
-        tensors[alias] = tensors[target]
     return tensors
+
+
+_CRC_SWITCH = threading.Lock()
+
+
+def save_training_state(state: dict[str, Any], writer: HashingWriter) -> None:
+    """`torch.save` streamed straight into the hashing writer: no in-memory copy of the file,
+    so a save's peak memory is the snapshot buffers alone. The zip's own CRC32 is skipped
+    where torch allows it (it costs as much as the write; the manifest's xxh3 covers every
+    byte); `torch.load(weights_only=True)` reads the file either way."""
+    save_config = getattr(_serialization_config, "save", None)
+    if save_config is None or not hasattr(save_config, "compute_crc32"):
+        torch.save(state, writer)  # an older torch: CRC32 is always computed
+        return
+    with _CRC_SWITCH:  # a process-wide torch setting: restored as soon as this file is written
+        previous = save_config.compute_crc32
+        save_config.compute_crc32 = False
+        try:
+            torch.save(state, writer)
+        finally:
+            save_config.compute_crc32 = previous
 
 
 def read_training_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -138,8 +164,7 @@ def read_training_state(path: Path, map_location: str | torch.device = "cpu") ->
         raise CheckpointCorrupt(
             path,
             f"refused to load {path.name}: {str(exc).splitlines()[0][:200]}",
-            "a training_state.pt must hold only tensors and plain values; this file does not, "
-            "so it was not executed",
+            "a training_state.pt must hold only tensors and plain values; this file does not, so it was not executed",
         ) from exc
 
 
@@ -152,9 +177,13 @@ class StateBuffers:
         self._buffers: dict[tuple, torch.Tensor] = {}
         self.copy_bytes = 0
 
-    def snapshot(self, obj: Any, path: tuple = ()) -> Any:
+    def snapshot(self, obj: Any, path: tuple = (), *, copy_cpu: bool = True) -> Any:
+        """`obj` with every tensor replaced by its CPU buffer. With copy_cpu=False (a sync
+        save: nothing runs while it writes) CPU tensors are written from where they are."""
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
+            if not copy_cpu and src.device.type == "cpu":
+                return src
             buf = self._buffers.get(path)
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
                 pin = src.is_cuda and torch.cuda.is_available()
@@ -164,9 +193,9 @@ class StateBuffers:
             self.copy_bytes += buf.numel() * buf.element_size()
             return buf
         if isinstance(obj, dict):
-            return {k: self.snapshot(v, (*path, k)) for k, v in obj.items()}
+            return {k: self.snapshot(v, (*path, k), copy_cpu=copy_cpu) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            items = [self.snapshot(v, (*path, i)) for i, v in enumerate(obj)]
+            items = [self.snapshot(v, (*path, i), copy_cpu=copy_cpu) for i, v in enumerate(obj)]
             return items if isinstance(obj, list) else tuple(items)
         return obj
 
@@ -179,6 +208,29 @@ class Snapshot:
     training_state: dict[str, Any]
     trainer_state: dict[str, Any]
     manifest_fields: dict[str, Any]
+
+
+class _BackgroundClose:
+    """Close (fsync) a finished file in a helper thread while the next file is written."""
+
+    def __init__(self, writer: HashingWriter) -> None:
+        self._result: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._close, args=(writer,), name="checkpoint-fsync", daemon=True)
+        self._thread.start()
+
+    def _close(self, writer: HashingWriter) -> None:
+        try:
+            self._result = writer.close()
+        except BaseException as exc:  # raised on the writing thread by result()
+            self._error = exc
+
+    def result(self) -> dict[str, Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
@@ -196,16 +248,17 @@ def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
         except BaseException:
             writer.abort()
             raise
-        files[MODEL_FILE] = writer.close()
-        buffer = io.BytesIO()
-        torch.save(snap.training_state, buffer)
-        writer = HashingWriter(tmp / STATE_FILE)
+        model_closed = _BackgroundClose(writer)  # its fsync overlaps the writing of the training state
         try:
-            writer.write(buffer.getbuffer())
-        except BaseException:
-            writer.abort()
-            raise
-        files[STATE_FILE] = writer.close()
+            writer = HashingWriter(tmp / STATE_FILE)
+            try:
+                save_training_state(snap.training_state, writer)
+            except BaseException:
+                writer.abort()
+                raise
+            files[STATE_FILE] = writer.close()
+        finally:
+            files[MODEL_FILE] = model_closed.result()
         files[TRAINER_FILE] = write_json_file(tmp / TRAINER_FILE, snap.trainer_state)
         write_manifest(tmp, files, **snap.manifest_fields)
         commit_dir(tmp, final)
@@ -234,18 +287,24 @@ class LoadedCheckpoint:
     manifest: dict[str, Any]
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *, verified: bool = False) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: Path, map_location: str | torch.device = "cpu", *, verified: bool = False
+) -> LoadedCheckpoint:
     """Verify every hash, then load. Raises CheckpointCorrupt naming the bad file."""
     path = Path(path)
     manifest = cheap_check(path) if verified else verify(path)
-    trainer_state = read_json(path / TRAINER_FILE, TRAINER_FILE)
-    if not isinstance(trainer_state, dict):
-        raise CheckpointCorrupt(path / TRAINER_FILE, "trainer state is not a JSON object")
+    trainer_state = read_trainer_state(path, manifest)
+    step = manifest.get("step", trainer_state.get("step", 0))
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointCorrupt(path / MANIFEST_NAME, f"manifest step {step!r} is not an integer >= 0")
+    training_state = read_training_state(path / STATE_FILE, map_location)
+    if not isinstance(training_state, dict):
+        raise CheckpointCorrupt(path / STATE_FILE, f"{STATE_FILE} does not hold a dict; not a training state")
     return LoadedCheckpoint(
         path=path,
-        step=int(manifest.get("step", trainer_state.get("step", 0))),
+        step=step,
         model_state=read_model_file(path / MODEL_FILE),
-        training_state=read_training_state(path / STATE_FILE, map_location),
+        training_state=training_state,
         trainer_state=trainer_state,
         manifest=manifest,
     )
@@ -344,9 +403,9 @@ class CheckpointManager:
         unique, aliases = split_tied(model_state)
         snap = Snapshot(
             step=step,
-            model_state=self._buffers.snapshot(unique, ("model",)),
+            model_state=self._buffers.snapshot(unique, ("model",), copy_cpu=self.async_save),
             aliases=aliases,
-            training_state=self._buffers.snapshot(training_state, ("training",)),
+            training_state=self._buffers.snapshot(training_state, ("training",), copy_cpu=self.async_save),
             trainer_state=json.loads(json.dumps(trainer_state)),  # a deep copy the loop cannot mutate
             manifest_fields={"step": step, **(manifest_fields or {})},
         )

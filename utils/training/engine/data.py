@@ -9,6 +9,7 @@ continues the exact same stream, and each rank of a distributed job reads its ow
 from __future__ import annotations
 
 import hashlib
+import math
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,22 @@ def load_corpus_bytes(corpus: str | None, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _split_is_usable(n_bytes: int, val_fraction: float, context_length: int) -> bool:
+    # A window is context_length + 1 bytes and sample_batch needs at least two start
+    # positions; the training split gets room for two windows.
+    n_val = int(n_bytes * val_fraction)
+    return n_val >= context_length + 2 and n_bytes - n_val >= 2 * (context_length + 1)
+
+
+def minimum_corpus_bytes(val_fraction: float, context_length: int) -> int:
+    """The fewest bytes a corpus needs for this validation fraction and context length."""
+    n_bytes = math.ceil(max((context_length + 2) / val_fraction, 2 * (context_length + 1) / (1 - val_fraction)))
+    n_bytes = max(n_bytes - 2, 1)  # the float estimate may be a byte high or low
+    while not _split_is_usable(n_bytes, val_fraction, context_length):
+        n_bytes += 1
+    return n_bytes
+
+
 @dataclass
 class Corpus:
     train: torch.Tensor  # uint8 tokens
@@ -77,12 +94,11 @@ class Corpus:
     def load(cls, corpus: str | None, *, max_bytes: int, val_fraction: float, context_length: int) -> Corpus:
         data = load_corpus_bytes(corpus, max_bytes)
         n_val = int(len(data) * val_fraction)
-        minimum = 2 * (context_length + 1)
-        if len(data) - n_val < minimum or n_val < context_length + 1:
+        if not _split_is_usable(len(data), val_fraction, context_length):
             where = corpus if corpus is not None else "the standard library"
             raise CorpusError(
                 f"corpus {where} has {len(data)} bytes, too few for context_length={context_length}; "
-                f"give at least {int(minimum / (1 - val_fraction)) + context_length} bytes or a shorter context"
+                f"give at least {minimum_corpus_bytes(val_fraction, context_length)} bytes or a shorter context"
             )
         tokens = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
         fingerprint = hashlib.sha256(data).hexdigest()[:16]
@@ -107,9 +123,7 @@ def sample_batch(
 class BatchStream:
     """Training batches as a resumable stream: `position` is the number of batches drawn."""
 
-    def __init__(
-        self, tokens: torch.Tensor, *, batch_size: int, context_length: int, seed: int, rank: int = 0
-    ) -> None:
+    def __init__(self, tokens: torch.Tensor, *, batch_size: int, context_length: int, seed: int, rank: int = 0) -> None:
         self.tokens = tokens
         self.batch_size = batch_size
         self.context_length = context_length
@@ -120,9 +134,7 @@ class BatchStream:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         gen = _generator(self.seed, self.rank, self.position)
         self.position += 1
-        return sample_batch(
-            self.tokens, batch_size=self.batch_size, context_length=self.context_length, generator=gen
-        )
+        return sample_batch(self.tokens, batch_size=self.batch_size, context_length=self.context_length, generator=gen)
 
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "seed": self.seed}
@@ -139,8 +151,7 @@ def validation_batches(
     """The same held-out batches at every evaluation, so val/loss is comparable across epochs."""
     gen = _generator(seed, -1, 0)
     return [
-        sample_batch(tokens, batch_size=batch_size, context_length=context_length, generator=gen)
-        for _ in range(count)
+        sample_batch(tokens, batch_size=batch_size, context_length=context_length, generator=gen) for _ in range(count)
     ]
 
 

@@ -15,9 +15,11 @@ from typing import Any
 
 from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
+from .trainer_state import read_trainer_state
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+MAX_METRICS_BYTES = 256 * 1024 * 1024  # one short line per epoch: far beyond any real run
 DEFAULT_SEARCH_DIRS = (
     "/content/workspace/checkpoints",
     "./training_output/checkpoints",
@@ -27,16 +29,20 @@ DEFAULT_SEARCH_DIRS = (
 
 def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins). A torn or
-    garbled line, as a crash in the middle of an append leaves, is ignored."""
+    garbled line, as a crash in the middle of an append leaves, is ignored. A file larger than
+    any run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
     rows: dict[int, dict[str, Any]] = {}
     try:
-        raw = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METRICS_BYTES + 1)
     except OSError:
         return []
+    if len(raw) > MAX_METRICS_BYTES:
+        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a metrics log")
     for line in raw.splitlines():
         try:
             row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             continue
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
             rows[row["epoch"]] = row
@@ -88,9 +94,7 @@ def _best_checkpoint(run_dir: Path, trainer_state: dict[str, Any], fallback: Pat
 
 
 def best_epoch(metrics_history: list[dict[str, Any]], metric: str = "val/loss", mode: str = "min") -> int | None:
-    scored = [
-        r for r in metrics_history if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
-    ]
+    scored = [r for r in metrics_history if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
     if not scored:
         return metrics_history[-1]["epoch"] if metrics_history else None
     pick = min if mode == "min" else max
@@ -103,35 +107,54 @@ def build_results(
     """The results dict (see DESIGN.md) for one run folder, from metadata only."""
     run_dir = Path(run_dir)
     skipped = list(skipped or [])
+    state: dict[str, Any] | None = None
     if checkpoint is None:
         for _, path in list_checkpoints(run_dir):
             try:
-                cheap_check(path)
+                state = read_trainer_state(path, cheap_check(path))
                 checkpoint = path
                 break
             except CheckpointCorrupt as exc:
                 skipped.append({"path": str(path), "reason": exc.reason})
     if checkpoint is None:
-        raise NoCheckpointFound(run_dir, "no complete checkpoint in this run folder", "train first, or point at another run")
-    skipped += [{"path": str(p), "reason": "unfinished save or delete (temporary folder), ignored"} for p in list_leftovers(run_dir)]
-    state = read_json(checkpoint / TRAINER_FILE, TRAINER_FILE)
-    if not isinstance(state, dict):
-        raise CheckpointCorrupt(checkpoint / TRAINER_FILE, "trainer state is not a JSON object")
-    run_info = {}
+        raise NoCheckpointFound(
+            run_dir, "no complete checkpoint in this run folder", "train first, or point at another run"
+        )
+    skipped += [
+        {"path": str(p), "reason": "unfinished save or delete (temporary folder), ignored"}
+        for p in list_leftovers(run_dir)
+    ]
+    if state is None:  # the trainer state is small: its bytes are checked against the manifest's hash
+        state = read_trainer_state(checkpoint, cheap_check(checkpoint))
+    run_info: Any = {}
     try:
         run_info = read_json(run_dir / RUN_FILE, RUN_FILE)
     except CheckpointCorrupt:
         pass  # run.json is informative; the checkpoint's own state has everything needed
+    if not isinstance(run_info, dict):
+        run_info = {}
     config = state.get("config") or run_info.get("config") or {}
+    if not isinstance(config, dict):
+        config = {}
     epochs_done = int(state.get("epoch", 0))
     # The checkpoint's own history is authoritative (it matches the weights); metrics.jsonl
     # fills in only for a checkpoint that carries none.
-    rows = [r for r in state.get("metrics_history", []) if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
-    rows = rows or read_metrics_log(run_dir / METRICS_FILE)
+    history = state.get("metrics_history")
+    rows = (
+        [r for r in history if isinstance(r, dict) and isinstance(r.get("epoch"), int)]
+        if isinstance(history, list)
+        else []
+    )
+    if not rows:
+        try:
+            rows = read_metrics_log(run_dir / METRICS_FILE)
+        except CheckpointCorrupt as exc:
+            skipped.append({"path": exc.path, "reason": exc.reason})
     by_epoch = {r["epoch"]: r for r in rows if 1 <= r["epoch"] <= epochs_done}
     metrics_history = [by_epoch[e] for e in sorted(by_epoch)]
     workspace = run_dir.parent.parent
     monitor = config.get("monitor_metric", "val/loss")
+    monitor_mode = config.get("monitor_mode", "min")
     return {
         "run_name": state.get("run_name", run_dir.name),
         "run_id": state.get("run_id", run_info.get("run_id")),
@@ -142,10 +165,14 @@ def build_results(
         "best_checkpoint_path": str(_best_checkpoint(run_dir, state, checkpoint)),
         "config": config,
         "metrics_history": metrics_history,
-        "best_epoch": best_epoch(metrics_history, "val/loss", "min"),
+        "best_epoch": best_epoch(metrics_history, monitor, monitor_mode),
         "best": state.get("best"),
         "monitor_metric": monitor,
-        "drift_history": [d for d in state.get("drift_history", []) if d.get("epoch", 0) <= epochs_done],
+        "drift_history": [
+            d
+            for d in (state.get("drift_history") if isinstance(state.get("drift_history"), list) else [])
+            if isinstance(d, dict) and isinstance(d.get("epoch", 0), int) and d.get("epoch", 0) <= epochs_done
+        ],
         "recovered": recovered,
         "skipped": skipped,
         "step": int(state.get("step", 0)),
@@ -175,23 +202,20 @@ def recover(
         if run_name is not None:
             runs = [r for r in runs if r.name == run_name]
         for run_dir in sorted(runs, key=_run_recency, reverse=True):
-            checkpoint = None
-            if named_checkpoint is not None:
+            # The named step folder first (if any), then the run's checkpoints newest first;
+            # each one passed over is listed, also when the run yields nothing.
+            tried = [named_checkpoint] if named_checkpoint is not None else []
+            tried += [path for _, path in list_checkpoints(run_dir) if path != named_checkpoint]
+            for checkpoint in tried:
                 try:
-                    cheap_check(named_checkpoint)
-                    checkpoint = named_checkpoint
+                    cheap_check(checkpoint)
+                    results = build_results(run_dir, checkpoint=checkpoint, recovered=True, skipped=skipped)
                 except CheckpointCorrupt as exc:
-                    skipped.append({"path": str(named_checkpoint), "reason": exc.reason})
-            try:
-                results = build_results(run_dir, checkpoint=checkpoint, recovered=True, skipped=skipped)
-            except NoCheckpointFound:
-                skipped.append({"path": str(run_dir), "reason": "run folder has no complete checkpoint"})
-                continue
-            except CheckpointCorrupt as exc:
-                skipped.append({"path": exc.path, "reason": exc.reason})
-                continue
-            results["searched"] = searched
-            return results
+                    skipped.append({"path": str(checkpoint), "reason": exc.reason})
+                    continue
+                results["searched"] = searched
+                return results
+            skipped.append({"path": str(run_dir), "reason": "run folder has no complete checkpoint"})
     where = ", ".join(searched) if searched else "(no folders given)"
     detail = f"; passed over: {'; '.join(s['path'] + ': ' + s['reason'] for s in skipped[:5])}" if skipped else ""
     raise NoCheckpointFound(

@@ -1,0 +1,155 @@
+"""Shared parts of the benchmark suite: sizes, timing, memory readings, result entries and the table."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big and how often each benchmark runs. QUICK fits in 5 minutes on two CPU cores."""
+
+    save_state_mib: float  # weights + AdamW moments of the state saved by the save benchmarks
+    save_layer_width: int  # width of the Linear layers that make up that state
+    save_repeats: int  # interleaved (async, sync, raw write) rounds
+    every_step_checkpoints: int  # steps (one checkpoint each) of the run recover() is measured on
+    recover_repeats: int
+    scale_checkpoints: int  # checkpoints in the one-run tree
+    scale_runs: int  # runs in the many-runs tree
+    scale_checkpoints_per_run: int
+    loop_steps_per_epoch: int
+    loop_epochs: int
+    loop_repeats: int  # interleaved (plain, engine, engine + checkpoints) rounds
+    checkpoint_every_steps: int  # N of checkpoint_overhead
+    db_points: int
+    db_repeats: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+QUICK = Sizes(
+    save_state_mib=64, save_layer_width=1024, save_repeats=5,
+    every_step_checkpoints=40, recover_repeats=7,
+    scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=50,
+    loop_steps_per_epoch=100, loop_epochs=2, loop_repeats=3, checkpoint_every_steps=25,
+    db_points=100_000, db_repeats=3,
+)  # fmt: skip
+FULL = Sizes(
+    save_state_mib=256, save_layer_width=1024, save_repeats=7,
+    every_step_checkpoints=100, recover_repeats=11,
+    scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=1000,
+    loop_steps_per_epoch=250, loop_epochs=2, loop_repeats=5, checkpoint_every_steps=25,
+    db_points=500_000, db_repeats=5,
+)  # fmt: skip
+SMOKE = Sizes(
+    save_state_mib=1, save_layer_width=128, save_repeats=1,
+    every_step_checkpoints=4, recover_repeats=1,
+    scale_checkpoints=5, scale_runs=3, scale_checkpoints_per_run=2,
+    loop_steps_per_epoch=3, loop_epochs=1, loop_repeats=1, checkpoint_every_steps=2,
+    db_points=500, db_repeats=1,
+)  # fmt: skip
+
+
+def median(values: Iterable[float]) -> float:
+    return float(statistics.median(list(values)))
+
+
+def rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return float(f"{value:.6g}")
+    if isinstance(value, dict):
+        return {k: rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v) for v in value]
+    return value
+
+
+def entry(ratio: float, op: str, target: float, note: str = "", **raw: Any) -> dict[str, Any]:
+    """One result: the ratio, its target ("<=" or ">="), whether it is met, and the raw figures."""
+    met = ratio <= target if op == "<=" else ratio >= target
+    result: dict[str, Any] = {"ratio": rounded(float(ratio)), "target": f"{op} {target:g}", "met": bool(met)}
+    if note:
+        result["note"] = note
+    result.update(rounded(raw))
+    return result
+
+
+def folder_bytes(path: Path) -> int:
+    """Sum of the sizes of every regular file under `path`."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass  # deleted while we walked (retention of a running save)
+    return total
+
+
+# -- memory and I/O counters of this process (Linux /proc; None elsewhere) ------------------
+def proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM (the peak resident set) so that the next reading covers only what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def bytes_read_by_process() -> int | None:
+    """`rchar` of /proc/self/io: bytes this process received from read() calls, cached or not."""
+    try:
+        with open("/proc/self/io", "rb") as f:
+            for line in f:
+                if line.startswith(b"rchar:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+# -- the table ------------------------------------------------------------------------------
+_HEADLINE = {
+    "async_stall_ratio": ("stall_seconds", "sync_save_seconds"),
+    "save_vs_disk": ("save_mb_per_second", "raw_write_mb_per_second"),
+    "save_peak_rss_ratio": ("peak_extra_mib", "state_mib"),
+    "recover_vs_naive": ("recover_seconds", "naive_load_all_seconds"),
+    "recover_at_scale": ("one_run_seconds", "many_runs_seconds"),
+    "recover_bytes_read": ("bytes_read", "bytes_on_disk"),
+    "loop_vs_plain": ("engine_tokens_per_second", "plain_tokens_per_second"),
+    "checkpoint_overhead": ("with_checkpoints_tokens_per_second", "without_tokens_per_second"),
+    "db_points_per_second": ("points_per_second", "raw_sqlite_points_per_second"),
+    "db_metrics_frame_seconds": ("seconds", "points"),
+}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table of every result entry: ratio, target, met, and the two headline figures."""
+    lines = ["| metric | ratio | target | met | measured side by side |", "|---|---:|---|:---:|---|"]
+    for key, value in results.items():
+        if not isinstance(value, dict) or "ratio" not in value:
+            continue
+        figures = _HEADLINE.get(key, ())
+        detail = ", ".join(f"{name} {value[name]:g}" for name in figures if isinstance(value.get(name), (int, float)))
+        lines.append(
+            f"| `{key}` | {value['ratio']:.4g} | {value['target']} | {'yes' if value['met'] else 'NO'} | {detail} |"
+        )
+    return "\n".join(lines)

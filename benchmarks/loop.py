@@ -1,0 +1,183 @@
+"""Loop benchmarks: the engine's training loop against a hand-written one, and the cost of async checkpoints.
+
+Both sides train the same model on the same batches with the same threads. Time is taken
+from one clock on both sides: a global forward pre-hook stamps every forward of the model.
+Training throughput sums the gaps between consecutive training forwards (one full step each:
+data, forward, backward, clip, optimizer, bookkeeping, and any checkpoint stall); gaps that
+contain an evaluation forward (epoch ends: eval, drift, epoch-end save) are left out on both
+sides. Whole-run wall time (set-up and eval included) is reported beside it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from utils.training.config import TrainingConfig
+from utils.training.engine.data import BatchStream, Corpus, validation_batches
+from utils.training.engine.model import ByteTransformer
+from utils.training.engine.trainer import Trainer, lr_multiplier
+
+from .common import entry, median
+
+
+class ForwardClock:
+    """Stamps (time, training?) at every ByteTransformer forward while active."""
+
+    def __enter__(self) -> ForwardClock:
+        self.stamps: list[tuple[float, bool]] = []
+        self._handle = torch.nn.modules.module.register_module_forward_pre_hook(self._hook)
+        return self
+
+    def _hook(self, module: torch.nn.Module, args: Any) -> None:
+        if isinstance(module, ByteTransformer):
+            self.stamps.append((time.perf_counter(), module.training))
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
+
+    def step_gaps(self) -> list[float]:
+        """The gaps between consecutive training forwards: one full training step each."""
+        pairs = zip(self.stamps, self.stamps[1:], strict=False)
+        return [t1 - t0 for (t0, train0), (t1, train1) in pairs if train0 and train1]
+
+
+def loop_config(workspace: Path, run_name: str, steps_per_epoch: int, epochs: int, every: int) -> TrainingConfig:
+    return TrainingConfig.from_preset(
+        "tiny", workspace_root=str(workspace), run_name=run_name, epochs=epochs, steps_per_epoch=steps_per_epoch,
+        save_every_steps=every, save_every_seconds=0, keep_last=1, device="cpu",
+    )  # fmt: skip
+
+
+def engine_run(config: TrainingConfig) -> dict[str, float]:
+    with ForwardClock() as clock:
+        start = time.perf_counter()
+        Trainer(config, resume="never", progress=False).fit()
+        wall = time.perf_counter() - start
+    gaps = clock.step_gaps()
+    return {"train_seconds": sum(gaps), "steps": len(gaps), "median_step_seconds": median(gaps), "wall_seconds": wall}
+
+
+def plain_run(config: TrainingConfig) -> dict[str, float]:
+    """A hand-written loop, as nanoGPT would write it: same corpus, batches, model,
+    AdamW groups, warmup + cosine schedule, clipping and per-epoch evaluation."""
+    with ForwardClock() as clock:
+        start = time.perf_counter()
+        torch.manual_seed(config.seed)
+        corpus = Corpus.load(
+            config.corpus, max_bytes=config.corpus_max_bytes, val_fraction=config.val_fraction,
+            context_length=config.context_length,
+        )  # fmt: skip
+        model = ByteTransformer.from_config(config)
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in model.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.learning_rate, betas=(config.beta1, config.beta2),
+        )  # fmt: skip
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: lr_multiplier(
+                s, warmup_steps=config.warmup_steps, total_steps=config.total_steps, min_lr_ratio=config.min_lr_ratio
+            ),
+        )
+        stream = BatchStream(
+            corpus.train, batch_size=config.batch_size, context_length=config.context_length, seed=config.seed
+        )
+        val_batches = validation_batches(
+            corpus.val, count=config.eval_batches, batch_size=config.batch_size,
+            context_length=config.context_length, seed=config.seed,
+        )  # fmt: skip
+        model.train()
+        for step in range(config.total_steps):
+            x, y = stream.next_batch()
+            logits = model(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            if (step + 1) % config.steps_per_epoch == 0:
+                model.eval()
+                with torch.no_grad():
+                    val_loss = sum(
+                        float(F.cross_entropy(model(vx).view(-1, 256), vy.view(-1))) for vx, vy in val_batches
+                    )
+                del val_loss
+                model.train()
+        wall = time.perf_counter() - start
+    gaps = clock.step_gaps()
+    return {"train_seconds": sum(gaps), "steps": len(gaps), "median_step_seconds": median(gaps), "wall_seconds": wall}
+
+
+def bench_loop(
+    workdir: Path, steps_per_epoch: int, epochs: int, repeats: int, checkpoint_every: int
+) -> dict[str, dict[str, Any]]:
+    """loop_vs_plain and checkpoint_overhead, three kinds of run interleaved in rotating order."""
+    probe = loop_config(workdir / "probe", "probe", 1, 1, 0)
+    tokens_per_step = probe.batch_size * probe.context_length
+    runs: dict[str, list[dict[str, float]]] = {"plain": [], "engine": [], "engine_ckpt": []}
+    kinds = list(runs)
+    plain_run(loop_config(workdir / "warmup", "warmup", 2, 1, 0))  # imports, corpus read into the page cache
+    for r in range(repeats):
+        for kind in kinds[r % 3 :] + kinds[: r % 3]:
+            every = checkpoint_every if kind == "engine_ckpt" else 0
+            config = loop_config(workdir / f"{kind}-{r}", kind, steps_per_epoch, epochs, every)
+            runs[kind].append(plain_run(config) if kind == "plain" else engine_run(config))
+
+    def tokens_per_second(kind: str) -> float:
+        return median(run["steps"] * tokens_per_step / run["train_seconds"] for run in runs[kind])
+
+    def samples(kind: str) -> list[float]:
+        return [run["steps"] * tokens_per_step / run["train_seconds"] for run in runs[kind]]
+
+    def median_step(kind: str) -> float:
+        return median(run["median_step_seconds"] for run in runs[kind])
+
+    def wall(kind: str) -> float:
+        return median(run["wall_seconds"] for run in runs[kind])
+
+    plain, engine, ckpt = tokens_per_second("plain"), tokens_per_second("engine"), tokens_per_second("engine_ckpt")
+    total_steps = steps_per_epoch * epochs
+    common = {"preset": "tiny", "threads": torch.get_num_threads(), "steps": total_steps, "repeats": repeats}
+    return {
+        "loop_vs_plain": entry(
+            engine / plain,
+            ">=",
+            0.95,
+            engine_tokens_per_second=engine,
+            plain_tokens_per_second=plain,
+            median_step_ratio=median_step("plain") / median_step("engine"),
+            whole_run_ratio=wall("plain") / wall("engine"),
+            engine_wall_seconds=wall("engine"),
+            plain_wall_seconds=wall("plain"),
+            engine_samples=samples("engine"),
+            plain_samples=samples("plain"),
+            **common,
+            method="tokens/s over training steps only (set-up, evaluation and the epoch-end save excluded on "
+            "both sides: see benchmarks/loop.py); engine = Trainer(save_every_steps=0, save_every_seconds=0, "
+            "progress=False), which still saves at each epoch end; median_step_ratio = plain / engine median step "
+            "time (robust to bursts of load from other processes); whole_run_ratio = plain wall / engine wall "
+            "with set-up, evaluation and saves included",
+        ),  # fmt: skip
+        "checkpoint_overhead": entry(
+            1 - ckpt / engine,
+            "<=",
+            0.03,
+            with_checkpoints_tokens_per_second=ckpt,
+            with_checkpoints_samples=samples("engine_ckpt"),
+            without_tokens_per_second=engine,
+            checkpoint_every_steps=checkpoint_every,
+            checkpoints_in_timed_steps=sum(
+                1 for s in range(1, total_steps + 1) if s % checkpoint_every == 0 and s % steps_per_epoch != 0
+            ),
+            **common,
+            method="1 - engine tokens/s with async checkpoints every N steps / engine tokens/s without; the "
+            "steps that carry a save (stall, waiting for the previous save, the writer thread's CPU) are timed",
+        ),  # fmt: skip
+    }
