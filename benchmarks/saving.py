@@ -102,6 +102,15 @@ def bench_save(workdir: Path, state_mib: float, width: int, repeats: int) -> dic
     raw_path = workdir / "raw-write.bin"
 
     stalls, background, syncs, raws, prunes = [], [], [], [], []
+    calls, waits, computes_during, computes_alone = [], [], [], []
+    batch = torch.randn(256, width)
+
+    def next_step() -> float:
+        """The next training step's forward and backward (what a deferred copy overlaps)."""
+        start = time.perf_counter()
+        model(batch).square().mean().backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
 
     def prune(manager: CheckpointManager) -> None:
         """Retention, timed apart: deleting the previous checkpoint (freeing its page cache)."""
@@ -111,25 +120,36 @@ def bench_save(workdir: Path, state_mib: float, width: int, repeats: int) -> dic
         prunes.append(time.perf_counter() - start)
 
     for r in range(repeats):
-        order = ["async", "sync", "raw"]
-        order = order[r % 3 :] + order[: r % 3]
+        order = ["async", "sync", "raw", "compute"]
+        order = order[r % 4 :] + order[: r % 4]
         for kind in order:
             step += 1
             if kind == "raw":
                 raws.append(raw_write_seconds(raw_path, payload))
+                continue
+            if kind == "compute":
+                computes_alone.append(next_step())
                 continue
             start = time.perf_counter()
             save_once(managers[kind], step, model, optimizer)
             if kind == "sync":
                 syncs.append(time.perf_counter() - start)
             else:
-                stalls.append(time.perf_counter() - start)
+                calls.append(time.perf_counter() - start)
+                computes_during.append(next_step())
+                wait_start = time.perf_counter()
+                managers["async"].wait_for_snapshot()
+                waits.append(time.perf_counter() - wait_start)
+                # What the loop loses: the call, the wait before its optimizer step, and any
+                # slowdown of its forward/backward while the writer thread copies beside it.
+                stalls.append(calls[-1] + waits[-1])
                 managers["async"].wait_until_finished()
                 background.append(time.perf_counter() - start)
             prune(managers[kind])
     for manager in managers.values():
         manager.close()
 
+    slowdown = median(computes_during) - median(computes_alone)
     stall, sync, raw = median(stalls), median(syncs), median(raws)
     mb = checkpoint_bytes / 1e6
     return {
@@ -138,6 +158,11 @@ def bench_save(workdir: Path, state_mib: float, width: int, repeats: int) -> dic
             "<=",
             0.05,
             stall_seconds=stall,
+            save_call_seconds=median(calls),
+            wait_for_snapshot_seconds=median(waits),
+            next_step_seconds_alone=median(computes_alone),
+            next_step_seconds_during_save=median(computes_during),
+            next_step_slowdown_seconds=slowdown,
             sync_save_seconds=sync,
             async_save_total_seconds=median(background),
             first_save_stall_seconds=first_stall,
@@ -147,8 +172,11 @@ def bench_save(workdir: Path, state_mib: float, width: int, repeats: int) -> dic
             stall_samples=stalls,
             sync_samples=syncs,
             repeats=repeats,
-            method="stall = wall time of manager.save() on the calling thread with no save in flight "
-            "(state_dict() calls, copy into reused CPU buffers); sync = manager.save() with async_save=False "
+            method="stall = time the loop is blocked: manager.save() on the calling thread (state_dict() calls; "
+            "the copy into reused CPU buffers runs in the writer thread) + the loop's wait_for_snapshot() after "
+            "the next step's forward/backward. The CPU the writer thread takes from that forward/backward is "
+            "reported as next_step_slowdown_seconds (with the save in flight minus alone, interleaved) and is "
+            "what checkpoint_overhead measures end to end; sync = manager.save() with async_save=False "
             "(write from the live CPU tensors, fsync, manifest, rename); deleting the previous checkpoint "
             "(retention) is timed apart as retention_delete_seconds; medians of interleaved rounds after one "
             "warm-up each",

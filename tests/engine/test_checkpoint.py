@@ -118,6 +118,7 @@ def test_an_async_save_keeps_the_state_of_the_moment_it_was_called(tmp_path: Pat
     before = {k: v.clone() for k, v in model.state_dict().items()}
     manager = _manager(tmp_path / "run", async_save=True)
     manager.save(1, **_state(model, optimizer, 1))
+    manager.wait_for_snapshot()  # as the loop does before its optimizer step: the copy is taken
     with torch.no_grad():  # training goes on while the writer thread works
         for p in model.parameters():
             p.add_(1.0)

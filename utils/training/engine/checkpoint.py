@@ -357,8 +357,9 @@ def apply_retention(
 class CheckpointManager:
     """Saves checkpoints for one run, synchronously or in a background thread.
 
-    `save()` copies the state into reusable CPU buffers (the only part the training loop
-    waits for), then commits in the writer thread. At most one save is in flight; a writer
+    `save()` hands the state to the writer thread, which copies it into reusable CPU buffers
+    (the loop waits for that copy only at its next optimizer step: `wait_for_snapshot()`)
+    and then commits it. At most one save is in flight; a writer
     error is raised by the next `save()`, `check()`, `wait_until_finished()` or `close()`.
     """
 
@@ -380,6 +381,8 @@ class CheckpointManager:
         self.async_save = async_save
         self._buffers = StateBuffers()
         self._thread: threading.Thread | None = None
+        self._snapshot_taken = threading.Event()
+        self._snapshot_taken.set()
         self._error: BaseException | None = None
         self.last_saved_path: Path | None = None
         self.saves_completed = 0
@@ -401,22 +404,57 @@ class CheckpointManager:
     ) -> None:
         self.wait_until_finished()
         unique, aliases = split_tied(model_state)
-        snap = Snapshot(
-            step=step,
-            model_state=self._buffers.snapshot(unique, ("model",), copy_cpu=self.async_save),
-            aliases=aliases,
-            training_state=self._buffers.snapshot(training_state, ("training",), copy_cpu=self.async_save),
-            trainer_state=json.loads(json.dumps(trainer_state)),  # a deep copy the loop cannot mutate
-            manifest_fields={"step": step, **(manifest_fields or {})},
-        )
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies must land first
-        if self.async_save:
-            self._thread = threading.Thread(target=self._commit, args=(snap,), name="checkpoint-writer", daemon=True)
-            self._thread.start()
-        else:
-            self._commit(snap)
+        trainer_copy = json.loads(json.dumps(trainer_state))  # a deep copy the loop cannot mutate
+        fields = {"step": step, **(manifest_fields or {})}
+
+        def take_snapshot() -> Snapshot:
+            return Snapshot(
+                step=step,
+                model_state=self._buffers.snapshot(unique, ("model",), copy_cpu=self.async_save),
+                aliases=aliases,
+                training_state=self._buffers.snapshot(training_state, ("training",), copy_cpu=self.async_save),
+                trainer_state=trainer_copy,
+                manifest_fields=fields,
+            )
+
+        if not self.async_save:
+            self._commit(take_snapshot())
             self.check()
+            return
+        self._snapshot_taken.clear()
+        on_cuda = any(t.is_cuda for t in unique.values())
+        if on_cuda:
+            # Non-blocking device-to-host copies, queued on the stream before the next optimizer
+            # step, so they read this step's values; the writer waits for them on an event.
+            snap = take_snapshot()
+            copied = torch.cuda.Event()
+            copied.record()
+            self._snapshot_taken.set()
+
+            def take_snapshot() -> Snapshot:
+                copied.synchronize()
+                return snap
+
+        self._thread = threading.Thread(
+            target=self._snapshot_and_commit, args=(take_snapshot,), name="checkpoint-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _snapshot_and_commit(self, take_snapshot: Any) -> None:
+        try:
+            snap = take_snapshot()
+        except BaseException as exc:  # handed to the training thread by check()
+            self._error = exc
+            return
+        finally:
+            self._snapshot_taken.set()
+        self._commit(snap)
+
+    def wait_for_snapshot(self) -> None:
+        """Block until the state handed to the last save() has been copied. On CPU the copy
+        runs in the writer thread, overlapping the next forward and backward; the loop calls
+        this just before the optimizer step, the first thing that changes that state."""
+        self._snapshot_taken.wait()
 
     def _commit(self, snap: Snapshot) -> None:
         try:

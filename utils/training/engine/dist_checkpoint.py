@@ -160,6 +160,9 @@ class DistributedCheckpointManager:
         self.last_saved_path = final
         self.saves_completed += 1
 
+    def wait_for_snapshot(self) -> None:
+        """dcp.async_save has already staged the state to CPU when it returns."""
+
     def check(self) -> None:
         """Errors of a distributed save surface at the collective wait_until_finished()."""
 

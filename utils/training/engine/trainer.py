@@ -438,6 +438,8 @@ class Trainer:
                 if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor already reduced across ranks
                     grad_norm = grad_norm.full_tensor()
                 before = snapshot_parameters(model) if last_of_epoch else None
+                if manager is not None:
+                    manager.wait_for_snapshot()  # a save in flight may still be copying this state
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
