@@ -35,7 +35,7 @@ from utils.training.engine.checkpoint import (
 from utils.training.engine.commit import MANIFEST_NAME, CheckpointCorrupt, CheckpointWriteError, verify
 from utils.training.engine.model import ByteTransformer
 from utils.training.engine.recovery import recover
-from utils.training.engine.trainer import rng_state, set_rng_state
+from utils.training.engine.reproducibility import rng_state, set_rng_state
 
 
 def _model_and_optimizer(seed: int = 0) -> tuple[ByteTransformer, torch.optim.Optimizer]:

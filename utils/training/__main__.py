@@ -234,13 +234,14 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .engine.checkpoint import CheckpointError
     from .engine.data import CorpusError
+    from .engine.devices import DeviceError
     from .engine.experiment_db import ExperimentDBError
     from .engine.runlock import RunLocked
     from .engine.trainer import ResumeError
 
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    expected = (CliError, ConfigError, CorpusError, CheckpointError, ResumeError, RunLocked, ExperimentDBError)
+    expected = (CliError, ConfigError, CorpusError, CheckpointError, ResumeError, DeviceError, RunLocked, ExperimentDBError)
     try:
         return args.func(args)
     except expected as exc:

@@ -13,15 +13,11 @@ import json
 import logging
 import math
 import os
-import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,12 +34,15 @@ from .checkpoint import (
 )
 from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, remove_tree
 from .data import BatchStream, Corpus, token_histogram, validation_batches
+from .devices import resolve_amp_dtype, resolve_device
 from .dist_checkpoint import DistributedCheckpointManager, is_distributed_checkpoint, load_distributed, rank_state_file
 from .drift import epoch_drift, snapshot_parameters, update_ratios
 from .experiment_db import ExperimentDB
 from .model import ByteTransformer
 from .recovery import METRICS_FILE, RUN_FILE, build_results
+from .reproducibility import rng_state, seed_everything, set_rng_state
 from .runlock import RunLock
+from .stop import StopRequested
 
 log = logging.getLogger(__name__)
 TRAINER_STATE_VERSION = 1
@@ -52,59 +51,6 @@ MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "context_length")
 
 class ResumeError(RuntimeError):
     """The requested resume cannot be done; the message names the path and the fix."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", dist_utils.local_rank())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ResumeError(f"config device={name!r} but no CUDA device is available; use device='auto' or 'cpu'")
-    return device
-
-
-def resolve_amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python": random.getstate(),
-        "numpy": {
-            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
-    )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -131,30 +77,6 @@ def rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-class StopRequested:
-    """SIGTERM / SIGINT handlers that ask the loop to stop at the next step boundary.
-    A second SIGINT raises KeyboardInterrupt at once, for a loop that is stuck."""
-
-    def __init__(self) -> None:
-        self.reason: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.reason is not None:
-            raise KeyboardInterrupt
-        self.reason = signal.Signals(signum).name
-
-    def __enter__(self) -> StopRequested:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 class Trainer:
