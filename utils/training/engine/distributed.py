@@ -96,9 +96,9 @@ class Runtime:
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if not self.distributed:
             return tensor
-        out = tensor.clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out
+        out = tensor.to(self.device, copy=True) if self.device is not None else tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)  # NCCL reduces device tensors only
+        return out.to(tensor.device)
 
     def broadcast_object(self, obj: Any) -> Any:
         if not self.distributed:

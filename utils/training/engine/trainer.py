@@ -47,6 +47,7 @@ from .stop import StopRequested
 log = logging.getLogger(__name__)
 TRAINER_STATE_VERSION = 1
 MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "context_length")
+AGREE_EVERY_STEPS = 8  # under torchrun: how often ranks agree on a time-based save or a stop
 
 
 class ResumeError(RuntimeError):
@@ -234,7 +235,8 @@ class Trainer:
             stream.load_state_dict(training_state["data"])  # the position is the same on every rank
             set_rng_state(training_state["rng"])
             acc = {
-                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in training_state["accumulators"].items()
+                k: v.to(acc[k].device) if isinstance(v, torch.Tensor) else v
+                for k, v in training_state["accumulators"].items()
             }
             for key in ("step", "epoch", "metrics_history", "drift_history", "best", "wall_seconds"):
                 state[key] = ts.get(key, state[key])
@@ -304,7 +306,7 @@ class Trainer:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return {
             "loss_sum": zero.clone(), "grad_norm_sum": zero.clone(), "grad_norm_sq_sum": zero.clone(),
-            "token_counts": torch.zeros(256, dtype=torch.float64, device=device),
+            "token_counts": torch.zeros(256, dtype=torch.int64),  # on the host (see _loop)
             "steps": 0, "seconds": 0.0,
         }  # fmt: skip
 
@@ -334,6 +336,7 @@ class Trainer:
             else nullcontext()
         )
         tokens_per_step = cfg.batch_size * cfg.context_length * rt.world_size
+        pin = device.type == "cuda"
         bar = None
         if self.progress and rt.is_main:
             from tqdm.auto import tqdm
@@ -347,9 +350,13 @@ class Trainer:
             while state["step"] < cfg.total_steps:
                 step = state["step"]
                 last_of_epoch = (step + 1) % cfg.steps_per_epoch == 0
-                x, y = stream.next_batch()
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
+                x_cpu, y_cpu = stream.next_batch()
+                # The byte histogram for drift is counted on the host: no device sync per step.
+                acc["token_counts"] += torch.bincount(x_cpu.view(-1), minlength=256)
+                if pin:
+                    x_cpu, y_cpu = x_cpu.pin_memory(), y_cpu.pin_memory()
+                x = x_cpu.to(device, non_blocking=True)
+                y = y_cpu.to(device, non_blocking=True)
                 with autocast:
                     logits = train_model(x)
                     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
@@ -370,7 +377,6 @@ class Trainer:
                 acc["loss_sum"] += loss.detach().double()
                 acc["grad_norm_sum"] += grad_norm.detach().double()
                 acc["grad_norm_sq_sum"] += grad_norm.detach().double() ** 2
-                acc["token_counts"] += torch.bincount(x.view(-1), minlength=256).double()
                 acc["steps"] += 1
                 if bar is not None:
                     bar.update(1)
@@ -389,7 +395,10 @@ class Trainer:
                 elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
                     reason = "step"
                 time_due = bool(cfg.save_every_seconds) and time.monotonic() - last_save_time >= cfg.save_every_seconds
-                time_due, stop_now = rt.any_true(time_due, stop.reason is not None)
+                stop_now = stop.reason is not None
+                if rt.distributed:  # ranks agree every few steps: one tiny collective, not one per step
+                    agree = step % AGREE_EVERY_STEPS == 0 or step == cfg.total_steps
+                    time_due, stop_now = rt.any_true(time_due, stop_now) if agree else (False, False)
                 stop_reason = (stop.reason or "a signal to another rank") if stop_now else None
                 if reason is None and time_due:
                     reason = "time"
@@ -500,7 +509,8 @@ class Trainer:
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": rng_state(),
             "data": stream.state_dict(),
-            "accumulators": dict(acc),
+            # Copied now: the next step adds to them before the writer thread has taken its copy.
+            "accumulators": {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in acc.items()},
         }
         step = state["step"]
         epoch_done = step // cfg.steps_per_epoch
