@@ -1,0 +1,69 @@
+"""The Parameters cell: form values, TRAINING_* overrides, the workspace they resolve to, bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from utils.training.cells import parameters
+from utils.training.config import TrainingConfig
+
+
+def test_defaults_outside_colab_plan_a_tiny_run_in_the_scratch_workspace(capsys) -> None:
+    ns: dict = {}
+    parameters.run(ns)
+    config = ns["planned_config"]
+    assert isinstance(config, TrainingConfig)
+    assert (config.run_name, config.preset, config.epochs) == ("notebook_run", "tiny", 2)
+    assert config.workspace_root == "tmp_training_output" and ns["scratch_workspace"] is True
+    assert "clears it and starts afresh" in capsys.readouterr().out
+
+
+def test_overrides_win_over_the_form_and_are_named(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setenv("TRAINING_EPOCHS", "3")
+    monkeypatch.setenv("TRAINING_PRESET", "small")
+    monkeypatch.setenv("TRAINING_WORKSPACE", str(tmp_path / "w"))
+    ns: dict = {}
+    parameters.run(ns, run_name="mine", preset="tiny", epochs=1, workspace="ignored")
+    config = ns["planned_config"]
+    assert (config.run_name, config.preset, config.epochs) == ("mine", "small", 3)
+    assert config.n_layer == 4  # the small preset's sizes, not tiny's
+    assert config.workspace_root == str(tmp_path / "w") and ns["scratch_workspace"] is False
+    out = capsys.readouterr().out
+    assert "epochs=3 (from TRAINING_EPOCHS)" in out and "from TRAINING_WORKSPACE" in out
+
+
+def test_empty_overrides_count_as_unset(monkeypatch) -> None:
+    for name in ("TRAINING_EPOCHS", "TRAINING_PRESET", "TRAINING_WORKSPACE"):
+        monkeypatch.setenv(name, "")
+    ns: dict = {}
+    parameters.run(ns, epochs=4, workspace="chosen")
+    assert ns["planned_config"].epochs == 4 and ns["planned_config"].workspace_root == "chosen"
+    assert ns["scratch_workspace"] is False
+
+
+def test_a_bad_value_is_reported_and_leaves_no_stale_plan(monkeypatch, capsys) -> None:
+    ns: dict = {"planned_config": TrainingConfig()}
+    monkeypatch.setenv("TRAINING_EPOCHS", "three")
+    parameters.run(ns)
+    out = capsys.readouterr().out
+    assert "epochs='three' is not a whole number" in out and "re-run this cell" in out
+    assert "planned_config" not in ns
+
+
+def test_an_unknown_preset_and_a_bad_run_name_are_reported(capsys) -> None:
+    ns: dict = {}
+    parameters.run(ns, preset="huge")
+    parameters.run(ns, run_name="no spaces allowed")
+    out = capsys.readouterr().out
+    assert "preset='huge' is not one of ['base', 'small', 'tiny']" in out
+    assert "run_name='no spaces allowed' is invalid" in out
+    assert "planned_config" not in ns
+
+
+def test_in_colab_the_workspace_is_drive_when_mounted_else_content() -> None:
+    ns = {"IN_COLAB": True, "drive_workspace": "/content/drive/MyDrive/training_workspace"}
+    parameters.run(ns)
+    assert ns["planned_config"].workspace_root == "/content/drive/MyDrive/training_workspace"
+    ns = {"IN_COLAB": True, "drive_workspace": None}
+    parameters.run(ns)
+    assert ns["planned_config"].workspace_root == "/content/workspace" and ns["scratch_workspace"] is False
