@@ -146,15 +146,26 @@ def save_training_state(state: dict[str, Any], writer: HashingWriter) -> None:
     byte); `torch.load(weights_only=True)` reads the file either way."""
     save_config = getattr(_serialization_config, "save", None)
     if save_config is None or not hasattr(save_config, "compute_crc32"):
-        torch.save(state, writer)  # an older torch: CRC32 is always computed
+        _torch_save(state, writer)  # an older torch: CRC32 is always computed
         return
     with _CRC_SWITCH:  # a process-wide torch setting: restored as soon as this file is written
         previous = save_config.compute_crc32
         save_config.compute_crc32 = False
         try:
-            torch.save(state, writer)
+            _torch_save(state, writer)
         finally:
             save_config.compute_crc32 = previous
+
+
+def _torch_save(state: dict[str, Any], writer: HashingWriter) -> None:
+    try:
+        torch.save(state, writer)
+    except RuntimeError as exc:
+        # torch's zip writer reports a failed write (disk full, file too large) as a RuntimeError
+        # raised while handling the OSError: surface the OSError, the caller's CheckpointWriteError.
+        if isinstance(exc.__context__, OSError):
+            raise OSError(exc.__context__.errno, exc.__context__.strerror) from exc
+        raise
 
 
 def read_training_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -163,7 +174,7 @@ def read_training_state(path: Path, map_location: str | torch.device = "cpu") ->
     except Exception as exc:  # an UnpicklingError for a payload that tries to run code, or a bad zip
         raise CheckpointCorrupt(
             path,
-            f"refused to load {path.name}: {str(exc).splitlines()[0][:200]}",
+            f"refused to load {path.name}: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}",
             "a training_state.pt must hold only tensors and plain values; this file does not, so it was not executed",
         ) from exc
 

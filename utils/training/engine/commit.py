@@ -21,7 +21,10 @@ from typing import Any
 import xxhash
 
 MANIFEST_NAME = "MANIFEST.json"
-FORMAT_VERSION = 1
+# 2: the manifest carries a hash of its own content, so a flipped byte in it is caught too.
+# Version 1 manifests (no self-hash) are still read.
+FORMAT_VERSION = 2
+MANIFEST_HASH_KEY = "manifest_hash"
 HASH_ALGORITHM = "xxh3_128"
 TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -119,16 +122,48 @@ def new_temp_dir(parent: Path, final_name: str) -> Path:
     return tmp
 
 
+_UNSEALED = b"0" * 32
+
+
+def _hash_field(digest: bytes) -> bytes:
+    return b'"' + MANIFEST_HASH_KEY.encode() + b'": "' + digest + b'"'
+
+
+def _bytes_digest(raw: bytes) -> str:
+    hasher = new_hasher()
+    hasher.update(raw)
+    return hasher.hexdigest()
+
+
 def write_manifest(folder: Path, files: dict[str, dict[str, Any]], **fields: Any) -> None:
+    """Write MANIFEST.json sealed with the hash of its own bytes (taken with the hash field
+    zeroed), so that any flipped byte in it is caught, even one that leaves valid JSON."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "hash_algorithm": HASH_ALGORITHM,
         "created_at": time.time(),
         **fields,
         "files": files,
+        MANIFEST_HASH_KEY: _UNSEALED.decode(),
     }
-    write_json_file(folder / MANIFEST_NAME, manifest)
+    raw = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
+    raw = raw.replace(_hash_field(_UNSEALED), _hash_field(_bytes_digest(raw).encode()), 1)
+    writer = HashingWriter(folder / MANIFEST_NAME)
+    try:
+        writer.write(raw)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     fsync_dir(folder)
+
+
+def _is_sealed(raw: bytes, manifest: dict[str, Any]) -> bool:
+    recorded = manifest.get(MANIFEST_HASH_KEY)
+    if not isinstance(recorded, str) or len(recorded) != 32 or not recorded.isascii():
+        return False
+    field = _hash_field(recorded.encode())
+    return raw.count(field) == 1 and _bytes_digest(raw.replace(field, _hash_field(_UNSEALED))) == recorded
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
@@ -145,8 +180,25 @@ def commit_dir(tmp: Path, final: Path) -> None:
 
 
 def remove_tree(path: Path) -> None:
-    """Delete a checkpoint folder: the manifest goes first, so a half-deleted folder is
-    never mistaken for a checkpoint."""
+    """Delete a checkpoint folder. It is first renamed to a `.trash-` sibling (atomic where
+    rename is), so a crash never leaves a half-deleted folder under a checkpoint's name (the
+    next trainer clears the trash); then the manifest goes first, so where rename is not
+    atomic a half-deleted folder is still never mistaken for a checkpoint. A symlink is
+    unlinked, never followed."""
+    path = Path(path)
+    if path.is_symlink():
+        try:
+            path.unlink()
+        except OSError:
+            pass  # gone already, or not ours to remove: the target is never touched
+        return
+    if not path.name.startswith((TEMP_PREFIX, TRASH_PREFIX)):
+        trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}")
+        try:
+            os.rename(path, trash)
+            path = trash
+        except OSError:
+            pass  # delete in place, manifest first
     try:
         (path / MANIFEST_NAME).unlink(missing_ok=True)
     except OSError:
@@ -155,10 +207,23 @@ def remove_tree(path: Path) -> None:
 
 
 def _read_small_json(path: Path, what: str) -> Any:
+    return _parse_json(path, what, _read_small_file(path, what))
+
+
+def _parse_json(path: Path, what: str, raw: bytes) -> Any:
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointCorrupt(path, f"{what} is not valid JSON ({type(exc).__name__})") from exc
+
+
+def _read_small_file(path: Path, what: str) -> bytes:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
-        raise CheckpointCorrupt(path, f"{what} is missing", "this save did not finish; use an older checkpoint")
+        raise CheckpointCorrupt(
+            path, f"{what} is missing", "this save did not finish; use an older checkpoint"
+        ) from None
     except OSError as exc:
         raise CheckpointCorrupt(path, f"cannot stat {what}: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
@@ -167,12 +232,9 @@ def _read_small_json(path: Path, what: str) -> Any:
         raise CheckpointCorrupt(path, f"{what} is {st.st_size} bytes, larger than any this package writes")
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-        return json.loads(raw.decode("utf-8"))
+            return f.read(MAX_JSON_BYTES + 1)
     except OSError as exc:
         raise CheckpointCorrupt(path, f"cannot read {what}: {exc.strerror}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointCorrupt(path, f"{what} is not valid JSON ({type(exc).__name__})") from exc
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -182,6 +244,10 @@ def read_json(path: Path, what: str) -> Any:
 def _safe_member(folder: Path, name: Any) -> Path:
     if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\x00" in name:
         raise CheckpointCorrupt(folder, f"manifest names an invalid file {name!r}")
+    try:
+        os.fsencode(name)
+    except UnicodeError:
+        raise CheckpointCorrupt(folder, f"manifest names a file no filesystem can hold: {name!r}") from None
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise CheckpointCorrupt(folder, f"manifest names a file outside the checkpoint: {name!r}")
@@ -191,12 +257,15 @@ def _safe_member(folder: Path, name: Any) -> Path:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Parse and validate MANIFEST.json (structure only; sizes and hashes are checked elsewhere)."""
     folder = Path(folder)
-    manifest = _read_small_json(folder / MANIFEST_NAME, MANIFEST_NAME)
+    raw = _read_small_file(folder / MANIFEST_NAME, MANIFEST_NAME)
+    manifest = _parse_json(folder / MANIFEST_NAME, MANIFEST_NAME, raw)
     if not isinstance(manifest, dict):
         raise CheckpointCorrupt(folder, "manifest is not a JSON object")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointCorrupt(folder, "manifest has no integer format_version")
+    if version < 1:
+        raise CheckpointCorrupt(folder, f"manifest has an invalid format_version {version}")
     if version > FORMAT_VERSION:
         raise UnsupportedFormat(
             folder,
@@ -219,6 +288,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise CheckpointCorrupt(folder, f"manifest entry for {name!r} has no valid size_bytes")
         if not isinstance(digest, str) or len(digest) != 32:
             raise CheckpointCorrupt(folder, f"manifest entry for {name!r} has no valid hash")
+    if version >= 2 and not _is_sealed(raw, manifest):
+        raise CheckpointCorrupt(
+            folder / MANIFEST_NAME,
+            "MANIFEST.json does not match its own hash (corrupted bytes)",
+            "this checkpoint is damaged; use an older one",
+        )
     return manifest
 
 

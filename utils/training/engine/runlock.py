@@ -35,6 +35,19 @@ class RunLocked(RuntimeError):
         )
 
 
+class LockFileUnusable(RunLocked):
+    """The lock file cannot be opened (a symlink, a folder, no permission)."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.path = path
+        self.holder = {}
+        RuntimeError.__init__(
+            self,
+            f"cannot use the lock file {path} ({error.strerror or error}); it must be a plain file: "
+            "remove it if no trainer is running on this run",
+        )
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -52,14 +65,20 @@ class RunLock:
         self.took_over_stale = False
 
     def _read_holder(self) -> dict:
+        """The recorded holder; {} for an empty, unreadable or foreign lock file."""
         try:
-            return json.loads(self.path.read_text(encoding="utf-8") or "{}")
-        except (OSError, ValueError):
+            with open(self.path, "rb") as f:
+                holder = json.loads(f.read(64 * 1024).decode("utf-8") or "{}")
+        except (OSError, ValueError, RecursionError):
             return {}
+        return holder if isinstance(holder, dict) else {}
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # never through a symlink: the lock file is truncated and written below
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise LockFileUnusable(self.path, exc) from exc
         previous = self._read_holder()
         locked_by_kernel = False
         if fcntl is not None:
