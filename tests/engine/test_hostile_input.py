@@ -35,7 +35,7 @@ from utils.training.engine.commit import (
 )
 from utils.training.engine.recovery import METRICS_FILE, read_metrics_log, recover
 from utils.training.engine.runlock import RunLocked
-from utils.training.engine.trainer import Trainer
+from utils.training.engine.trainer import ResumeError, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -140,12 +140,6 @@ def test_json_written_by_a_newer_format_version_is_refused_with_a_message(worksp
     assert "format version" in skip["reason"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="trainer.py Trainer._find_resume_checkpoint catches UnsupportedFormat as CheckpointCorrupt and "
-    "falls back to an older checkpoint; training on then overwrites the newer-format step folder "
-    "(commit_dir replaces it). Fix: re-raise UnsupportedFormat (as ResumeError) instead of falling back.",
-)
 def test_a_resume_never_overwrites_a_checkpoint_of_a_newer_format(
     workspace_copy: Path, trained_workspace: dict
 ) -> None:
@@ -156,10 +150,8 @@ def test_a_resume_never_overwrites_a_checkpoint_of_a_newer_format(
     reseal(newest)
     before = {name: (newest / name).read_bytes() for name in CHECKPOINT_FILES}
     config = trained_workspace["config"].replace(workspace_root=str(workspace_copy))
-    try:
+    with pytest.raises(ResumeError, match="newer version"):  # refused, not fallen back from
         Trainer(config, progress=False).fit()
-    except CheckpointError:
-        pass  # refusing is right; what matters is what is on disk
     assert {name: (newest / name).read_bytes() for name in CHECKPOINT_FILES} == before
 
 

@@ -32,7 +32,7 @@ from .checkpoint import (
     read_training_state,
     step_dir_name,
 )
-from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, remove_tree
+from .commit import CheckpointCorrupt, CheckpointWriteError, UnsupportedFormat, fsync_dir, read_json, remove_tree
 from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
 from .dist_checkpoint import DistributedCheckpointManager, is_distributed_checkpoint, load_distributed, rank_state_file
@@ -43,9 +43,9 @@ from .recovery import METRICS_FILE, RUN_FILE, build_results
 from .reproducibility import rng_state, seed_everything, set_rng_state
 from .runlock import RunLock
 from .stop import StopRequested
+from .trainer_state import TRAINER_STATE_VERSION
 
 log = logging.getLogger(__name__)
-TRAINER_STATE_VERSION = 1
 MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "context_length")
 AGREE_EVERY_STEPS = 8  # under torchrun: how often ranks agree on a time-based save or a stop
 
@@ -115,6 +115,9 @@ class Trainer:
         for _, path in list_checkpoints(run_dir):
             try:
                 loaded = load_checkpoint(path)
+            except UnsupportedFormat as exc:
+                # Falling back would train on and overwrite a newer version's checkpoints.
+                raise ResumeError(f"{exc}: this run was continued by a newer version of the package") from exc
             except CheckpointCorrupt as exc:
                 self._say(f"skipping checkpoint {path}: {exc.reason}; falling back to an older one")
                 continue
@@ -129,9 +132,6 @@ class Trainer:
                     f"checkpoint {loaded.path} has {name}={saved[name]} but the config says "
                     f"{getattr(self.config, name)}; use the same model size, or a new --run-name"
                 )
-        version = loaded.trainer_state.get("format_version", 1)
-        if isinstance(version, int) and version > TRAINER_STATE_VERSION:
-            raise ResumeError(f"{loaded.path}: trainer state version {version} is newer than this package; upgrade it")
 
     def _open_db_run(self, db: ExperimentDB, run_info: dict[str, Any] | None) -> int:
         cfg = self.config
@@ -212,8 +212,10 @@ class Trainer:
         run_info: dict[str, Any] | None = None
         if (run_dir / RUN_FILE).is_file():
             try:
-                run_info = json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                run_info = read_json(run_dir / RUN_FILE, RUN_FILE)  # size-capped, symlinks refused
+            except CheckpointCorrupt:
+                run_info = None  # informative only: a fresh one is written below
+            if not isinstance(run_info, dict):
                 run_info = None
         if loaded is not None:
             ts = loaded.trainer_state
@@ -287,8 +289,11 @@ class Trainer:
         except BaseException:
             if manager is not None and not rt.distributed:  # a collective wait could hang on a dead peer
                 manager.close(raise_errors=False)
-            if db is not None:
-                db.set_status(state.get("run_id"), "failed", finished=True) if state.get("run_id") else None
+            if db is not None and state.get("run_id") is not None:
+                try:
+                    db.set_status(state["run_id"], "failed", finished=True)
+                except Exception:  # noqa: BLE001 - a full disk must not hide the error that stopped training
+                    log.exception("could not record the failed status in %s", cfg.db_path)
             raise
         finally:
             if db is not None and status != "failed":
