@@ -241,7 +241,16 @@ def main(argv: list[str] | None = None) -> int:
 
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    expected = (CliError, ConfigError, CorpusError, CheckpointError, ResumeError, DeviceError, RunLocked, ExperimentDBError)
+    expected = (
+        CliError,
+        ConfigError,
+        CorpusError,
+        CheckpointError,
+        ResumeError,
+        DeviceError,
+        RunLocked,
+        ExperimentDBError,
+    )
     try:
         return args.func(args)
     except expected as exc:
