@@ -34,18 +34,18 @@ class Sizes:
 
 
 QUICK = Sizes(
-    save_state_mib=64, save_layer_width=1024, save_repeats=5,
+    save_state_mib=64, save_layer_width=1024, save_repeats=11,
     every_step_checkpoints=40, recover_repeats=7,
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=50,
-    loop_steps_per_epoch=100, loop_epochs=2, loop_repeats=3, checkpoint_every_steps=25,
+    loop_steps_per_epoch=100, loop_epochs=2, loop_repeats=7, checkpoint_every_steps=50,
     db_points=100_000, db_repeats=3,
 )  # fmt: skip
 FULL = Sizes(
     save_state_mib=256, save_layer_width=1024, save_repeats=7,
     every_step_checkpoints=100, recover_repeats=11,
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=1000,
-    loop_steps_per_epoch=250, loop_epochs=2, loop_repeats=5, checkpoint_every_steps=25,
-    db_points=500_000, db_repeats=5,
+    loop_steps_per_epoch=250, loop_epochs=2, loop_repeats=5, checkpoint_every_steps=50,
+    db_points=100_000, db_repeats=7,  # the targets are defined for a 100k-point run
 )  # fmt: skip
 SMOKE = Sizes(
     save_state_mib=1, save_layer_width=128, save_repeats=1,

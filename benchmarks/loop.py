@@ -144,6 +144,7 @@ def bench_loop(
 
     plain, engine, ckpt = tokens_per_second("plain"), tokens_per_second("engine"), tokens_per_second("engine_ckpt")
     total_steps = steps_per_epoch * epochs
+    saves = sum(1 for s in range(1, total_steps + 1) if s % checkpoint_every == 0 and s % steps_per_epoch != 0)
     common = {"preset": "tiny", "threads": torch.get_num_threads(), "steps": total_steps, "repeats": repeats}
     return {
         "loop_vs_plain": entry(
@@ -173,9 +174,10 @@ def bench_loop(
             with_checkpoints_samples=samples("engine_ckpt"),
             without_tokens_per_second=engine,
             checkpoint_every_steps=checkpoint_every,
-            checkpoints_in_timed_steps=sum(
-                1 for s in range(1, total_steps + 1) if s % checkpoint_every == 0 and s % steps_per_epoch != 0
-            ),
+            checkpoints_in_timed_steps=saves,
+            # The scale-free figure: loop seconds lost per save, whatever the cadence.
+            seconds_lost_per_save=(total_steps * tokens_per_step) * (1 / ckpt - 1 / engine) / max(saves, 1),
+            median_step_seconds_without=median_step("engine"),
             **common,
             method="1 - engine tokens/s with async checkpoints every N steps / engine tokens/s without; the "
             "steps that carry a save (stall, waiting for the previous save, the writer thread's CPU) are timed",

@@ -30,6 +30,7 @@ TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a manifest or state JSON larger than this is not ours
 CHUNK_BYTES = 64 * 1024 * 1024
+SMALL_WRITE_BYTES = 1024 * 1024
 
 
 class CheckpointError(Exception):
@@ -59,30 +60,52 @@ def new_hasher() -> Any:
 
 
 class HashingWriter:
-    """A binary file that hashes and counts what it writes, and fsyncs on close."""
+    """A binary file that hashes and counts what it writes, and fsyncs on close.
+
+    Small writes (torch.save emits hundreds per file) are gathered into SMALL_WRITE_BYTES
+    before they reach the hash and the kernel; large ones (tensor data) go straight through.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed in close()
         self._hasher = new_hasher()
+        self._pending = bytearray()
         self.size_bytes = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         view = memoryview(data).cast("B")
+        size = len(view)
+        if len(self._pending) + size <= SMALL_WRITE_BYTES:
+            self._pending += view
+        else:
+            self._drain()
+            if size <= SMALL_WRITE_BYTES:
+                self._pending += view
+            else:
+                self._write_through(view)
+        self.size_bytes += size
+        return size
+
+    def _drain(self) -> None:
+        if self._pending:
+            self._write_through(memoryview(self._pending))
+            self._pending = bytearray()
+
+    def _write_through(self, view: memoryview) -> None:
         for start in range(0, len(view), CHUNK_BYTES):
             chunk = view[start : start + CHUNK_BYTES]
             self._hasher.update(chunk)
             written = 0
             while written < len(chunk):  # raw writes may be short
                 written += self._file.write(chunk[written:])
-        self.size_bytes += len(view)
-        return len(view)
 
     def flush(self) -> None:
-        pass  # unbuffered; durability comes from fsync in close()
+        pass  # data reaches the file in close() at the latest; durability comes from its fsync
 
     def close(self) -> dict[str, Any]:
         try:
+            self._drain()
             os.fsync(self._file.fileno())
         finally:
             self._file.close()
