@@ -141,3 +141,19 @@ def test_rank_killed_restarts_and_matches_uninterrupted(two_process_run: Path, t
     resumed = recover(ws, search_dirs=[])["metrics_history"]
     for key in ("epoch", "step", "train/loss", "val/loss", "grad_norm", "learning_rate", "drift/token_js"):
         assert [r[key] for r in resumed] == [r[key] for r in reference], key
+
+
+def test_the_notebook_recovery_cell_reads_a_torchrun_run(two_process_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from utils.training.cells import recovery
+
+    ws = tmp_path / "ws"
+    shutil.copytree(two_process_run, ws)  # the cell writes to the workspace's ExperimentDB
+    ns: dict = {}
+    recovery.run(ns, checkpoint_directory=str(ws))
+    assert ns["results"]["recovered"] and ns["results"]["completed"]
+    assert list(ns["metrics_df"]["epoch"]) == [1, 2, 3]
+    assert ns["training_config"].run_name == "r" and ns["config"] is ns["training_config"]
+    assert ns["drift_data"] is not None
+    ns["db"].close()
