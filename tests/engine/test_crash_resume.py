@@ -23,7 +23,8 @@ from utils.training.engine.checkpoint import (
     read_training_state,
 )
 from utils.training.engine.commit import MANIFEST_NAME, TEMP_PREFIX, verify
-from utils.training.engine.recovery import METRICS_FILE, recover
+from utils.training.engine.metrics_log import METRICS_FILE
+from utils.training.engine.recovery import recover
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}

@@ -38,7 +38,8 @@ from utils.training.engine.commit import (
     verify,
 )
 from utils.training.engine.experiment_db import ExperimentDB
-from utils.training.engine.recovery import METRICS_FILE, recover
+from utils.training.engine.metrics_log import METRICS_FILE
+from utils.training.engine.recovery import recover
 from utils.training.engine.trainer import Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

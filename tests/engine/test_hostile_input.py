@@ -33,7 +33,8 @@ from utils.training.engine.commit import (
     verify,
     write_manifest,
 )
-from utils.training.engine.recovery import METRICS_FILE, read_metrics_log, recover
+from utils.training.engine.metrics_log import METRICS_FILE, read_metrics_log
+from utils.training.engine.recovery import recover
 from utils.training.engine.runlock import RunLocked
 from utils.training.engine.trainer import ResumeError, Trainer
 

@@ -19,7 +19,8 @@ from utils.training.engine.commit import (
     read_manifest,
     write_manifest,
 )
-from utils.training.engine.recovery import METRICS_FILE, build_results, read_metrics_log
+from utils.training.engine.metrics_log import METRICS_FILE, read_metrics_log
+from utils.training.engine.recovery import build_results
 from utils.training.engine.trainer_state import TRAINER_FILE, check_trainer_state, read_trainer_state
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

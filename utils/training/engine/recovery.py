@@ -7,7 +7,6 @@ passed over is listed in `skipped` with the reason.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -15,38 +14,15 @@ from typing import Any
 
 from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
+from .metrics_log import METRICS_FILE, read_metrics_log
 from .trainer_state import read_trainer_state
 
 RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-MAX_METRICS_BYTES = 256 * 1024 * 1024  # one short line per epoch: far beyond any real run
 DEFAULT_SEARCH_DIRS = (
     "/content/workspace/checkpoints",
     "./training_output/checkpoints",
     "./tmp_training_output/checkpoints",
 )
-
-
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins). A torn or
-    garbled line, as a crash in the middle of an append leaves, is ignored. A file larger than
-    any run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
-    rows: dict[int, dict[str, Any]] = {}
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_METRICS_BYTES + 1)
-    except OSError:
-        return []
-    if len(raw) > MAX_METRICS_BYTES:
-        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a metrics log")
-    for line in raw.splitlines():
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
-            rows[row["epoch"]] = row
-    return [rows[e] for e in sorted(rows)]
 
 
 def _is_run_dir(path: Path) -> bool:

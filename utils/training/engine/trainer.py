@@ -25,33 +25,26 @@ from ..config import TrainingConfig
 from . import distributed as dist_utils
 from .checkpoint import (
     CheckpointManager,
-    LoadedCheckpoint,
-    list_checkpoints,
     list_leftovers,
-    load_checkpoint,
-    read_training_state,
     step_dir_name,
 )
-from .commit import CheckpointCorrupt, CheckpointWriteError, UnsupportedFormat, fsync_dir, read_json, remove_tree
+from .commit import CheckpointCorrupt, CheckpointWriteError, read_json, remove_tree
 from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
-from .dist_checkpoint import DistributedCheckpointManager, is_distributed_checkpoint, load_distributed, rank_state_file
+from .dist_checkpoint import DistributedCheckpointManager
 from .drift import epoch_drift, snapshot_parameters, update_ratios
 from .experiment_db import ExperimentDB
+from .metrics_log import METRICS_FILE, append_jsonl, rewrite_jsonl
 from .model import ByteTransformer
-from .recovery import METRICS_FILE, RUN_FILE, build_results
-from .reproducibility import rng_state, seed_everything, set_rng_state
+from .recovery import RUN_FILE, build_results
+from .reproducibility import rng_state, seed_everything
+from .resume import ResumeError, check_compatible, find_resume_checkpoint, restore_training_state
 from .runlock import RunLock
 from .stop import StopRequested
 from .trainer_state import TRAINER_STATE_VERSION
 
 log = logging.getLogger(__name__)
-MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "context_length")
 AGREE_EVERY_STEPS = 8  # under torchrun: how often ranks agree on a time-based save or a stop
-
-
-class ResumeError(RuntimeError):
-    """The requested resume cannot be done; the message names the path and the fix."""
 
 
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -60,24 +53,6 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_rati
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Replace a JSONL file atomically (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 class Trainer:
@@ -100,38 +75,6 @@ class Trainer:
     def _say(self, message: str) -> None:
         log.info(message)
         self.messages.append(message)
-
-    def _find_resume_checkpoint(self) -> LoadedCheckpoint | None:
-        run_dir = self.config.run_dir
-        if self.resume == "never":
-            if list_checkpoints(run_dir):
-                raise ResumeError(
-                    f"run folder {run_dir} already has checkpoints and --resume never was given; "
-                    "use --resume auto to continue it, or a new --run-name"
-                )
-            return None
-        if self.resume != "auto":
-            return load_checkpoint(Path(self.resume))  # the user named it: no silent fallback
-        for _, path in list_checkpoints(run_dir):
-            try:
-                loaded = load_checkpoint(path)
-            except UnsupportedFormat as exc:
-                # Falling back would train on and overwrite a newer version's checkpoints.
-                raise ResumeError(f"{exc}: this run was continued by a newer version of the package") from exc
-            except CheckpointCorrupt as exc:
-                self._say(f"skipping checkpoint {path}: {exc.reason}; falling back to an older one")
-                continue
-            return loaded
-        return None
-
-    def _check_compatible(self, loaded: LoadedCheckpoint) -> None:
-        saved = loaded.trainer_state.get("config", {})
-        for name in MODEL_SHAPE_FIELDS:
-            if name in saved and saved[name] != getattr(self.config, name):
-                raise ResumeError(
-                    f"checkpoint {loaded.path} has {name}={saved[name]} but the config says "
-                    f"{getattr(self.config, name)}; use the same model size, or a new --run-name"
-                )
 
     def _open_db_run(self, db: ExperimentDB, run_info: dict[str, Any] | None) -> int:
         cfg = self.config
@@ -167,10 +110,10 @@ class Trainer:
         self.corpus_fingerprint = corpus.fingerprint
         model = ByteTransformer.from_config(cfg).to(device)
         self.model = model
-        loaded = self._find_resume_checkpoint()
+        loaded = find_resume_checkpoint(cfg.run_dir, self.resume, say=self._say)
         rt.check_same_choice(loaded.step if loaded is not None else -1)
         if loaded is not None:
-            self._check_compatible(loaded)
+            check_compatible(loaded, cfg)
             model.load_state_dict(loaded.model_state)
         train_model = rt.wrap_model(model, cfg.distributed_strategy)
 
@@ -218,33 +161,11 @@ class Trainer:
             if not isinstance(run_info, dict):
                 run_info = None
         if loaded is not None:
-            ts = loaded.trainer_state
-            training_state = loaded.training_state
-            own_file = loaded.path / rank_state_file(rt.rank)
-            if rt.rank > 0 and own_file.is_file():  # this rank's RNG and running sums (same world size)
-                training_state = read_training_state(own_file)
-            if is_distributed_checkpoint(loaded.path):
-                load_distributed(loaded.path, train_model, optimizer)
-            elif rt.distributed and cfg.distributed_strategy == "fsdp":
-                raise ResumeError(
-                    f"{loaded.path} was written by a single process; an FSDP job resumes only from FSDP/DDP "
-                    "checkpoints. Resume it once with DDP (the default strategy), then switch to FSDP"
-                )
-            else:
-                optimizer.load_state_dict(training_state["optimizer"])
-            scheduler.load_state_dict(training_state["scheduler"])
-            if training_state.get("scaler"):
-                scaler.load_state_dict(training_state["scaler"])
-            stream.load_state_dict(training_state["data"])  # the position is the same on every rank
-            set_rng_state(training_state["rng"])
-            acc = {
-                k: v.to(acc[k].device) if isinstance(v, torch.Tensor) else v
-                for k, v in training_state["accumulators"].items()
-            }
-            for key in ("step", "epoch", "metrics_history", "drift_history", "best", "wall_seconds"):
-                state[key] = ts.get(key, state[key])
-            state["resume_count"] = int(ts.get("resume_count", 0)) + 1
-            if ts.get("corpus_fingerprint") not in (None, corpus.fingerprint):
+            restore_training_state(
+                loaded, rt, cfg, train_model=train_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                stream=stream, acc=acc, state=state,
+            )  # fmt: skip
+            if loaded.trainer_state.get("corpus_fingerprint") not in (None, corpus.fingerprint):
                 self._say("the corpus differs from the one this run was trained on; continuing with the new one")
             self._say(f"resumed from {loaded.path} (step {state['step']}, epoch {state['epoch']})")
 

@@ -1,0 +1,54 @@
+"""metrics.jsonl: one line per completed epoch, appended and fsynced; cut back atomically on resume;
+read tolerantly (a torn last line, as a crash mid-append leaves, is ignored)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .commit import CheckpointCorrupt, fsync_dir
+
+METRICS_FILE = "metrics.jsonl"
+MAX_METRICS_BYTES = 256 * 1024 * 1024  # one short line per epoch: far beyond any real run
+
+
+def append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace a JSONL file atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins). A torn or
+    garbled line, as a crash in the middle of an append leaves, is ignored. A file larger than
+    any run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METRICS_BYTES + 1)
+    except OSError:
+        return []
+    if len(raw) > MAX_METRICS_BYTES:
+        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a metrics log")
+    for line in raw.splitlines():
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
+            rows[row["epoch"]] = row
+    return [rows[e] for e in sorted(rows)]
