@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_WORKSPACE ?= ./training_output
 
-.PHONY: install demo test lint format bench bench-quick clean
+.PHONY: install demo test lint format bench bench-quick notebook-outputs clean
 
 install: $(STAMP)
 
@@ -34,7 +34,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q --nbval training.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	env -u TRAINING_PRESET -u TRAINING_EPOCHS -u TRAINING_CHECKPOINT_DIR -u TRAINING_RUN_NAME \
+		TRAINING_WORKSPACE=tmp_training_output TRAINING_FRESH_START=1 \
+		$(PY) -m pytest -q --nbval training.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+# Re-run the notebook in place (a real run, as `make test` checks it) after a cell's output changes on purpose.
+notebook-outputs: $(STAMP)
+	env -u TRAINING_PRESET -u TRAINING_EPOCHS -u TRAINING_CHECKPOINT_DIR -u TRAINING_RUN_NAME \
+		TRAINING_WORKSPACE=tmp_training_output TRAINING_FRESH_START=1 \
+		$(PY) -c "import nbformat, nbclient; nb = nbformat.read('training.ipynb', 4); \
+		nbclient.NotebookClient(nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': '.'}}).execute(); \
+		nbformat.write(nb, 'training.ipynb')"
 
 lint:
 	$(PY) -m ruff check .

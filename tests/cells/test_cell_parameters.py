@@ -8,14 +8,32 @@ from utils.training.cells import parameters
 from utils.training.config import TrainingConfig
 
 
-def test_defaults_outside_colab_plan_a_tiny_run_in_the_scratch_workspace(capsys) -> None:
+def test_defaults_outside_colab_plan_a_tiny_run_in_the_local_workspace_that_resumes(capsys) -> None:
     ns: dict = {}
     parameters.run(ns)
     config = ns["planned_config"]
     assert isinstance(config, TrainingConfig)
     assert (config.run_name, config.preset, config.epochs) == ("notebook_run", "tiny", 2)
-    assert config.workspace_root == "tmp_training_output" and ns["scratch_workspace"] is True
-    assert "clears it and starts afresh" in capsys.readouterr().out
+    assert config.workspace_root == "training_output" and ns["scratch_workspace"] is False
+    out = capsys.readouterr().out
+    assert "resumes where it stopped" in out and "clears" not in out
+
+
+def test_a_fresh_start_is_opt_in_and_only_for_the_scratch_folder(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setenv("TRAINING_FRESH_START", "1")
+    ns: dict = {}
+    parameters.run(ns)  # the default workspace is never cleared, even when asked
+    assert ns["scratch_workspace"] is False
+    monkeypatch.setenv("TRAINING_WORKSPACE", str(tmp_path / "chosen"))
+    parameters.run(ns)  # nor a workspace a person chose
+    assert ns["scratch_workspace"] is False
+    monkeypatch.setenv("TRAINING_WORKSPACE", "tmp_training_output")
+    parameters.run(ns)
+    assert ns["scratch_workspace"] is True
+    assert "TRAINING_FRESH_START=1: the Training cell clears it" in capsys.readouterr().out
+    monkeypatch.delenv("TRAINING_FRESH_START")
+    parameters.run(ns)
+    assert ns["scratch_workspace"] is False
 
 
 def test_overrides_win_over_the_form_and_are_named(monkeypatch, tmp_path: Path, capsys) -> None:

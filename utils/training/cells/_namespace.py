@@ -18,7 +18,8 @@ OPTIONAL_NAMES = ("drift_data", "model", "db", "run_id")
 COLAB_WORKSPACE = "/content/workspace"  # wiped when Colab recycles the VM
 DRIVE_MOUNT = "/content/drive"
 DRIVE_WORKSPACE = "/content/drive/MyDrive/training_workspace"  # survives a recycled VM
-SCRATCH_WORKSPACE = "tmp_training_output"  # outside Colab with no workspace chosen
+LOCAL_WORKSPACE = "training_output"  # outside Colab with no workspace chosen: runs here resume
+SCRATCH_WORKSPACE = "tmp_training_output"  # cleared by the Training cell only with TRAINING_FRESH_START=1
 
 
 def _is_results(value: Any) -> bool:

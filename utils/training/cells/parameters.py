@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS, ConfigError, TrainingConfig
-from ._namespace import COLAB_WORKSPACE, SCRATCH_WORKSPACE, env_value, show_path
+from ._namespace import COLAB_WORKSPACE, LOCAL_WORKSPACE, SCRATCH_WORKSPACE, env_value, show_path
 
 DEFAULTS = {"run_name": "notebook_run", "preset": "tiny", "epochs": 2, "workspace": ""}
 
@@ -21,16 +22,25 @@ class Plan:
 
 
 def _workspace(form_value: str, ns: dict[str, Any]) -> tuple[str, bool, str]:
-    """(workspace, is the local scratch workspace, where the choice came from)."""
+    """(workspace, whether the Training cell clears it first, where the choice came from)."""
     if env := env_value("TRAINING_WORKSPACE"):
-        return env, False, "from TRAINING_WORKSPACE"
-    if str(form_value or "").strip():
-        return str(form_value).strip(), False, "from the form"
-    if ns.get("drive_workspace"):
-        return str(ns["drive_workspace"]), False, "on Google Drive: survives a recycled VM"
-    if ns.get("IN_COLAB"):
-        return COLAB_WORKSPACE, False, "Colab's local disk: wiped when the VM is recycled; mount Drive in Setup"
-    return SCRATCH_WORKSPACE, True, "local scratch workspace: the Training cell clears it and starts afresh"
+        root, origin = env, "from TRAINING_WORKSPACE"
+    elif str(form_value or "").strip():
+        root, origin = str(form_value).strip(), "from the form"
+    elif ns.get("drive_workspace"):
+        root, origin = str(ns["drive_workspace"]), "on Google Drive: survives a recycled VM"
+    elif ns.get("IN_COLAB"):
+        root, origin = COLAB_WORKSPACE, "Colab's local disk: wiped when the VM is recycled; mount Drive in Setup"
+    else:
+        root, origin = LOCAL_WORKSPACE, "the default local workspace: a run here resumes where it stopped"
+    # A fresh start (CI, a reproducible notebook run) is asked for explicitly, and only ever
+    # clears the scratch folder in the working directory, never a workspace a person chose.
+    fresh = (
+        env_value("TRAINING_FRESH_START") == "1" and Path(root).resolve() == (Path.cwd() / SCRATCH_WORKSPACE).resolve()
+    )
+    if fresh:
+        origin += "; TRAINING_FRESH_START=1: the Training cell clears it and starts afresh"
+    return root, fresh, origin
 
 
 def plan(ns: dict[str, Any], run_name: str, preset: str, epochs: int | str, workspace: str) -> Plan:
@@ -76,7 +86,5 @@ def run(
           f"{cfg.epochs} epoch(s) × {cfg.steps_per_epoch} steps")  # fmt: skip
     for note in p.notes:
         print(f"  {note}")
-    if p.scratch:
-        print("  To keep runs and resume them, set `workspace` (or TRAINING_WORKSPACE) to a folder.")
     print(f"  checkpoints go to {show_path(cfg.run_dir)}")
     print("Next: the Training cell (it resumes this run when it already has a checkpoint).")
