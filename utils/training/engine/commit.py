@@ -349,19 +349,27 @@ def cheap_check(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def hash_file(path: Path) -> dict[str, Any]:
+    """Size and hash of a file already on disk, as a manifest entry records them. Raises OSError."""
+    hasher = new_hasher()
+    size = 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(CHUNK_BYTES):
+            hasher.update(chunk)
+            size += len(chunk)
+    return {"size_bytes": size, "hash": hasher.hexdigest()}
+
+
 def verify(folder: Path) -> dict[str, Any]:
     """Full integrity check: cheap_check plus every file's hash. Returns the manifest."""
     folder = Path(folder)
     manifest = cheap_check(folder)
     for name, entry in manifest["files"].items():
         path = _safe_member(folder, name)
-        hasher = new_hasher()
         try:
-            with open(path, "rb", buffering=0) as f:
-                while chunk := f.read(CHUNK_BYTES):
-                    hasher.update(chunk)
+            digest = hash_file(path)["hash"]
         except OSError as exc:
             raise CheckpointCorrupt(path, f"cannot read {name}: {exc.strerror}") from exc
-        if hasher.hexdigest() != entry["hash"]:
+        if digest != entry["hash"]:
             raise CheckpointCorrupt(path, f"{name} does not match its hash in the manifest (corrupted bytes)")
     return manifest

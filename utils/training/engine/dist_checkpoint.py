@@ -30,12 +30,11 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .checkpoint import MODEL_FILE, STATE_FILE, TRAINER_FILE, apply_retention, split_tied, step_dir_name
 from .commit import (
-    CHUNK_BYTES,
     CheckpointWriteError,
     HashingWriter,
     commit_dir,
     fsync_dir,
-    new_hasher,
+    hash_file,
     new_temp_dir,
     remove_tree,
     write_json_file,
@@ -51,16 +50,6 @@ def rank_state_file(rank: int) -> str:
 
 def is_distributed_checkpoint(path: Path) -> bool:
     return (Path(path) / DCP_DIR).is_dir()
-
-
-def _hash_file(path: Path) -> dict[str, Any]:
-    hasher = new_hasher()
-    size = 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(CHUNK_BYTES):
-            hasher.update(chunk)
-            size += len(chunk)
-    return {"size_bytes": size, "hash": hasher.hexdigest()}
 
 
 class DistributedCheckpointManager:
@@ -144,7 +133,7 @@ class DistributedCheckpointManager:
                 for folder, _, names in os.walk(tmp):
                     for name in names:
                         path = Path(folder) / name
-                        files[path.relative_to(tmp).as_posix()] = _hash_file(path)
+                        files[path.relative_to(tmp).as_posix()] = hash_file(path)
                 fsync_dir(tmp / DCP_DIR)
                 write_manifest(tmp, files, world_size=rt.world_size, **pending["fields"])
                 commit_dir(tmp, final)
