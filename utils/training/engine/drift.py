@@ -65,6 +65,17 @@ def update_ratios(before: dict[str, torch.Tensor], model: torch.nn.Module) -> di
     }
 
 
+def drift_history(metrics_history: list[dict]) -> list[dict]:
+    """The drift metrics of each epoch, as the dashboard's drift panels take them: derived from
+    the metrics rows (which carry them), so the checkpoint stores them once."""
+    history = []
+    for row in metrics_history:
+        drift = {k: v for k, v in row.items() if k.startswith("drift/")}
+        if drift:
+            history.append({"epoch": row.get("epoch"), "step": row.get("step"), **drift})
+    return history
+
+
 def variance_from_sums(total: float, total_sq: float, count: int) -> float:
     if count < 2:
         return 0.0

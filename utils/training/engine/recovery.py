@@ -14,6 +14,7 @@ from typing import Any
 
 from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
+from .drift import drift_history
 from .metrics_log import METRICS_FILE, read_metrics_log
 from .trainer_state import read_trainer_state
 
@@ -144,11 +145,7 @@ def build_results(
         "best_epoch": best_epoch(metrics_history, monitor, monitor_mode),
         "best": state.get("best"),
         "monitor_metric": monitor,
-        "drift_history": [
-            d
-            for d in (state.get("drift_history") if isinstance(state.get("drift_history"), list) else [])
-            if isinstance(d, dict) and isinstance(d.get("epoch", 0), int) and d.get("epoch", 0) <= epochs_done
-        ],
+        "drift_history": drift_history(metrics_history),
         "recovered": recovered,
         "skipped": skipped,
         "step": int(state.get("step", 0)),

@@ -90,6 +90,6 @@ def restore_training_state(
     for key, value in training_state["accumulators"].items():
         acc[key] = value.to(acc[key].device) if isinstance(value, torch.Tensor) else value
     trainer_state = loaded.trainer_state
-    for key in ("step", "epoch", "metrics_history", "drift_history", "best", "wall_seconds"):
+    for key in ("step", "epoch", "metrics_history", "best", "wall_seconds"):
         state[key] = trainer_state.get(key, state[key])
     state["resume_count"] = int(trainer_state.get("resume_count", 0)) + 1

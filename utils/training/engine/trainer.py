@@ -149,7 +149,7 @@ class Trainer:
         # Per-epoch running sums live on the device (no host sync per step) and in checkpoints.
         acc = self._fresh_accumulators(device)
         state: dict[str, Any] = {
-            "step": 0, "epoch": 0, "metrics_history": [], "drift_history": [], "best": None,
+            "step": 0, "epoch": 0, "metrics_history": [], "best": None,
             "resume_count": 0, "wall_seconds": 0.0,
         }  # fmt: skip
         run_info: dict[str, Any] | None = None
@@ -257,11 +257,6 @@ class Trainer:
     def _loop(self, train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
               acc, state, manager, db, run_id, stop) -> str:  # fmt: skip
         cfg, rt, device = self.config, self.runtime, self.device
-        autocast = (
-            torch.autocast(device_type=device.type, dtype=self.amp_dtype)
-            if self.amp_dtype is not None
-            else nullcontext()
-        )
         tokens_per_step = cfg.batch_size * cfg.context_length * rt.world_size
         pin = device.type == "cuda"
         bar = None
@@ -284,7 +279,7 @@ class Trainer:
                     x_cpu, y_cpu = x_cpu.pin_memory(), y_cpu.pin_memory()
                 x = x_cpu.to(device, non_blocking=True)
                 y = y_cpu.to(device, non_blocking=True)
-                with autocast:
+                with self._autocast():
                     logits = train_model(x)
                     loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
                 scaler.scale(loss).backward()
@@ -348,6 +343,12 @@ class Trainer:
             if bar is not None:
                 bar.close()
 
+    def _autocast(self) -> Any:
+        """Mixed precision where the config asks for it (CUDA), a no-op elsewhere."""
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
     def _surface_save_error(self, manager: CheckpointManager) -> None:
         try:
             manager.check()
@@ -364,12 +365,9 @@ class Trainer:
     def _evaluate(self, model, val_batches) -> float:
         model.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        autocast = (
-            torch.autocast(device_type=self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
-        )
         for x, y in val_batches:
             x, y = x.to(self.device), y.to(self.device)
-            with autocast:
+            with self._autocast():
                 logits = model(x)
             total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)).double()
         model.train()
@@ -392,7 +390,9 @@ class Trainer:
             grad_norm_sq_sum=float(sums[2]) / rt.world_size,
             steps=steps,
             update_ratio=update_ratios(before, model),
-            previous_entropy=state["drift_history"][-1]["drift/probe_entropy"] if state["drift_history"] else None,
+            previous_entropy=state["metrics_history"][-1].get("drift/probe_entropy")
+            if state["metrics_history"]
+            else None,
         )
         row = {
             "epoch": epoch,
@@ -409,7 +409,6 @@ class Trainer:
             **drift,
         }
         state["metrics_history"].append(row)
-        state["drift_history"].append({"epoch": epoch, "step": state["step"], **drift})
         monitored = row.get(cfg.monitor_metric)
         best = state["best"]
         if isinstance(monitored, (int, float)) and math.isfinite(monitored):
@@ -456,7 +455,6 @@ class Trainer:
             "resume_count": state["resume_count"],
             "wall_seconds": state["wall_seconds"],
             "metrics_history": state["metrics_history"],
-            "drift_history": state["drift_history"],
             "best": state["best"],
             "config": cfg.to_dict(),
             "world_size": rt.world_size,
