@@ -43,11 +43,10 @@ from .serialization import (
     split_tied,
     write_safetensors,
 )
-from .trainer_state import read_trainer_state
+from .trainer_state import TRAINER_FILE, read_trainer_state
 
 log = logging.getLogger(__name__)
 
-TRAINER_FILE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
 

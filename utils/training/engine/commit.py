@@ -152,7 +152,7 @@ def _hash_field(digest: bytes) -> bytes:
     return b'"' + MANIFEST_HASH_KEY.encode() + b'": "' + digest + b'"'
 
 
-def _bytes_digest(raw: bytes) -> str:
+def bytes_digest(raw: bytes) -> str:
     hasher = new_hasher()
     hasher.update(raw)
     return hasher.hexdigest()
@@ -170,7 +170,7 @@ def write_manifest(folder: Path, files: dict[str, dict[str, Any]], **fields: Any
         MANIFEST_HASH_KEY: _UNSEALED.decode(),
     }
     raw = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
-    raw = raw.replace(_hash_field(_UNSEALED), _hash_field(_bytes_digest(raw).encode()), 1)
+    raw = raw.replace(_hash_field(_UNSEALED), _hash_field(bytes_digest(raw).encode()), 1)
     writer = HashingWriter(folder / MANIFEST_NAME)
     try:
         writer.write(raw)
@@ -186,7 +186,7 @@ def _is_sealed(raw: bytes, manifest: dict[str, Any]) -> bool:
     if not isinstance(recorded, str) or len(recorded) != 32 or not recorded.isascii():
         return False
     field = _hash_field(recorded.encode())
-    return raw.count(field) == 1 and _bytes_digest(raw.replace(field, _hash_field(_UNSEALED))) == recorded
+    return raw.count(field) == 1 and bytes_digest(raw.replace(field, _hash_field(_UNSEALED))) == recorded
 
 
 def commit_dir(tmp: Path, final: Path) -> None:
@@ -229,18 +229,14 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _read_small_json(path: Path, what: str) -> Any:
-    return _parse_json(path, what, _read_small_file(path, what))
-
-
-def _parse_json(path: Path, what: str, raw: bytes) -> Any:
+def parse_json(path: Path, what: str, raw: bytes) -> Any:
     try:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise CheckpointCorrupt(path, f"{what} is not valid JSON ({type(exc).__name__})") from exc
 
 
-def _read_small_file(path: Path, what: str) -> bytes:
+def read_small_file(path: Path, what: str) -> bytes:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -261,7 +257,8 @@ def _read_small_file(path: Path, what: str) -> bytes:
 
 
 def read_json(path: Path, what: str) -> Any:
-    return _read_small_json(Path(path), what)
+    """A small JSON file of ours: size-capped, symlinks refused, any damage a CheckpointCorrupt."""
+    return parse_json(Path(path), what, read_small_file(Path(path), what))
 
 
 def _safe_member(folder: Path, name: Any) -> Path:
@@ -280,8 +277,8 @@ def _safe_member(folder: Path, name: Any) -> Path:
 def read_manifest(folder: Path) -> dict[str, Any]:
     """Parse and validate MANIFEST.json (structure only; sizes and hashes are checked elsewhere)."""
     folder = Path(folder)
-    raw = _read_small_file(folder / MANIFEST_NAME, MANIFEST_NAME)
-    manifest = _parse_json(folder / MANIFEST_NAME, MANIFEST_NAME, raw)
+    raw = read_small_file(folder / MANIFEST_NAME, MANIFEST_NAME)
+    manifest = parse_json(folder / MANIFEST_NAME, MANIFEST_NAME, raw)
     if not isinstance(manifest, dict):
         raise CheckpointCorrupt(folder, "manifest is not a JSON object")
     version = manifest.get("format_version")

@@ -8,14 +8,12 @@ the type this package writes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import stat
 from pathlib import Path
 from typing import Any
 
-from .commit import MAX_JSON_BYTES, CheckpointCorrupt, UnsupportedFormat, new_hasher
+from .commit import CheckpointCorrupt, UnsupportedFormat, bytes_digest, parse_json, read_small_file
 
 TRAINER_FILE = "trainer_state.json"
 TRAINER_STATE_VERSION = 1
@@ -68,9 +66,6 @@ def check_trainer_state(state: Any, path: str | os.PathLike) -> dict[str, Any]:
     history = state.get("metrics_history", [])
     if not isinstance(history, list) or not all(isinstance(r, dict) and _is_int(r.get("epoch")) for r in history):
         raise bad("metrics_history", "a list of objects with an integer epoch")
-    drift = state.get("drift_history", [])
-    if not isinstance(drift, list) or not all(isinstance(d, dict) and _is_int(d.get("epoch", 0)) for d in drift):
-        raise bad("drift_history", "a list of objects with an integer epoch")
     best = state.get("best")
     if best is not None:
         if not isinstance(best, dict):
@@ -86,28 +81,11 @@ def read_trainer_state(folder: Path, manifest: dict[str, Any] | None = None) -> 
     """Read and check `<folder>/trainer_state.json`. With the folder's manifest, its bytes are
     also checked against the recorded size and hash (it is small, so this stays cheap)."""
     path = Path(folder) / TRAINER_FILE
-    try:
-        st = os.lstat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise CheckpointCorrupt(path, f"{TRAINER_FILE} is not a regular file (symlink or special file refused)")
-        if st.st_size > MAX_JSON_BYTES:
-            raise CheckpointCorrupt(path, f"{TRAINER_FILE} is {st.st_size} bytes, larger than any this package writes")
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise CheckpointCorrupt(path, f"{TRAINER_FILE} is missing", "use an older checkpoint") from None
-    except OSError as exc:
-        raise CheckpointCorrupt(path, f"cannot read {TRAINER_FILE}: {exc.strerror}") from exc
-    entry = (manifest or {}).get("files", {}).get(TRAINER_FILE) if manifest is not None else None
-    if isinstance(entry, dict):
-        hasher = new_hasher()
-        hasher.update(raw)
-        if len(raw) != entry.get("size_bytes") or hasher.hexdigest() != entry.get("hash"):
-            raise CheckpointCorrupt(
-                path, f"{TRAINER_FILE} does not match its hash in the manifest (corrupted bytes)", "use an older one"
-            )
-    try:
-        state = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise CheckpointCorrupt(path, f"{TRAINER_FILE} is not valid JSON ({type(exc).__name__})") from exc
+    raw = read_small_file(path, TRAINER_FILE)
+    entry = (manifest or {}).get("files", {}).get(TRAINER_FILE)
+    if isinstance(entry, dict) and (len(raw) != entry.get("size_bytes") or bytes_digest(raw) != entry.get("hash")):
+        raise CheckpointCorrupt(
+            path, f"{TRAINER_FILE} does not match its hash in the manifest (corrupted bytes)", "use an older one"
+        )
+    state = parse_json(path, TRAINER_FILE, raw)
     return check_trainer_state(state, path)
