@@ -87,7 +87,6 @@ class StateBuffers:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
-        self.copy_bytes = 0
 
     def snapshot(self, obj: Any, path: tuple = (), *, copy_cpu: bool = True) -> Any:
         """`obj` with every tensor replaced by its CPU buffer. With copy_cpu=False (a sync
@@ -102,7 +101,6 @@ class StateBuffers:
                 buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
                 self._buffers[path] = buf
             buf.copy_(src, non_blocking=src.is_cuda)
-            self.copy_bytes += buf.numel() * buf.element_size()
             return buf
         if isinstance(obj, dict):
             return {k: self.snapshot(v, (*path, k), copy_cpu=copy_cpu) for k, v in obj.items()}
@@ -381,9 +379,6 @@ class CheckpointManager:
             )
         except BaseException as exc:  # handed to the training thread by check()
             self._error = exc
-
-    def in_flight(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def check(self) -> None:
         """Raise the error of a finished background save, once."""
