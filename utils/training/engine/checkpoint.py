@@ -380,6 +380,9 @@ class CheckpointManager:
         except BaseException as exc:  # handed to the training thread by check()
             self._error = exc
 
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def check(self) -> None:
         """Raise the error of a finished background save, once."""
         if self._error is not None:
