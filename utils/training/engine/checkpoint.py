@@ -28,6 +28,7 @@ from .commit import (
     HashingWriter,
     cheap_check,
     commit_dir,
+    encode_json,
     new_temp_dir,
     remove_tree,
     verify,
@@ -116,7 +117,7 @@ class Snapshot:
     model_state: dict[str, torch.Tensor]
     aliases: dict[str, str]
     training_state: dict[str, Any]
-    trainer_state: dict[str, Any]
+    trainer_state_json: bytes  # encoded when save() is called: the loop may change the dict after
     manifest_fields: dict[str, Any]
 
 
@@ -169,7 +170,7 @@ def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
             files[STATE_FILE] = writer.close()
         finally:
             files[MODEL_FILE] = model_closed.result()
-        files[TRAINER_FILE] = write_json_file(tmp / TRAINER_FILE, snap.trainer_state)
+        files[TRAINER_FILE] = write_json_file(tmp / TRAINER_FILE, snap.trainer_state_json)
         write_manifest(tmp, files, **snap.manifest_fields)
         commit_dir(tmp, final)
         return final
@@ -314,7 +315,7 @@ class CheckpointManager:
     ) -> None:
         self.wait_until_finished()
         unique, aliases = split_tied(model_state)
-        trainer_copy = json.loads(json.dumps(trainer_state))  # a deep copy the loop cannot mutate
+        trainer_json = encode_json(trainer_state)
         fields = {"step": step, **(manifest_fields or {})}
 
         def take_snapshot() -> Snapshot:
@@ -323,7 +324,7 @@ class CheckpointManager:
                 model_state=self._buffers.snapshot(unique, ("model",), copy_cpu=self.async_save),
                 aliases=aliases,
                 training_state=self._buffers.snapshot(training_state, ("training",), copy_cpu=self.async_save),
-                trainer_state=trainer_copy,
+                trainer_state_json=trainer_json,
                 manifest_fields=fields,
             )
 

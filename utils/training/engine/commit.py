@@ -128,10 +128,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def encode_json(data: Any) -> bytes:
+    return json.dumps(data, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
+
+
 def write_json_file(path: Path, data: Any) -> dict[str, Any]:
+    """Write `data` (a dict, or bytes from encode_json) as a hashed, fsynced JSON file."""
     writer = HashingWriter(path)
     try:
-        writer.write(json.dumps(data, indent=1, sort_keys=True, allow_nan=True).encode("utf-8"))
+        writer.write(data if isinstance(data, bytes) else encode_json(data))
     except BaseException:
         writer.abort()
         raise
