@@ -11,7 +11,6 @@ notebook's inference cell and a resume with another world size read it like any 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
@@ -20,7 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -40,6 +38,7 @@ from .commit import (
     write_json_file,
     write_manifest,
 )
+from .serialization import save_training_state, write_safetensors
 
 DCP_DIR = "dcp"
 
@@ -89,16 +88,14 @@ class DistributedCheckpointManager:
         try:
             model_state, optim_state = get_state_dict(model, optimizer)
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            buffer = io.BytesIO()
-            torch.save({k: v for k, v in training_state.items() if k != "optimizer"}, buffer)
             writer = HashingWriter(tmp / rank_state_file(rt.rank))
-            writer.write(buffer.getbuffer())
+            save_training_state({k: v for k, v in training_state.items() if k != "optimizer"}, writer)
             writer.close()
             if rt.is_main:
                 unique, aliases = split_tied({k: v.contiguous() for k, v in full.items()})
-                save_file(unique, str(tmp / MODEL_FILE), metadata={"aliases": json.dumps(aliases), "step": str(step)})
-                with open(tmp / MODEL_FILE, "rb+") as f:
-                    os.fsync(f.fileno())
+                model_writer = HashingWriter(tmp / MODEL_FILE)
+                write_safetensors(model_writer, unique, {"aliases": json.dumps(aliases), "step": str(step)})
+                model_writer.close()
                 write_json_file(tmp / TRAINER_FILE, trainer_state)
             state = {"model": model_state, "optim": optim_state}
             if self.async_save:
