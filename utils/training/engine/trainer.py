@@ -9,7 +9,6 @@ next step boundary with a checkpoint.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from .checkpoint import (
     list_leftovers,
     step_dir_name,
 )
-from .commit import CheckpointCorrupt, CheckpointWriteError, read_json, remove_tree
+from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, read_json, remove_tree, write_json_file
 from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
 from .dist_checkpoint import DistributedCheckpointManager
@@ -251,8 +250,9 @@ class Trainer:
             "versions": {"torch": torch.__version__, "format": 1},
         }
         tmp = run_dir / f".{RUN_FILE}.tmp"
-        tmp.write_text(json.dumps(info, indent=1, sort_keys=True), encoding="utf-8")
+        write_json_file(tmp, info)  # fsynced, then renamed over the old one
         os.replace(tmp, run_dir / RUN_FILE)
+        fsync_dir(run_dir)
 
     def _loop(self, train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
               acc, state, manager, db, run_id, stop) -> str:  # fmt: skip
