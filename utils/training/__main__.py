@@ -63,6 +63,7 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         "async_save": {"async": True, "sync": False}.get(args.save_mode),
         "on_save_error": args.on_save_error,
         "distributed_strategy": args.strategy,
+        "accept_config_change": True if getattr(args, "accept_config_change", False) else None,
     }
     flags = {k: v for k, v in overrides.items() if v is not None}
     return TrainingConfig.from_dict({**PRESETS[preset], **from_file, "preset": preset, **flags})
@@ -127,14 +128,17 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .engine.checkpoint import list_checkpoints
-    from .engine.commit import MANIFEST_NAME, CheckpointCorrupt, verify
+    from .engine.checkpoint import STEP_DIR, TRAINER_FILE, list_checkpoints
+    from .engine.commit import MANIFEST_NAME, CheckpointCorrupt, unlisted_files, verify
 
     root = Path(args.path)
     if not root.exists():
         raise CliError(f"{root} does not exist; pass a checkpoint folder or a tree that holds checkpoints")
-    if (root / MANIFEST_NAME).exists():
-        targets = [root]
+    looks_like_one = (
+        STEP_DIR.match(root.name) or (root / TRAINER_FILE).exists() or (root / "model.safetensors").exists()
+    )
+    if (root / MANIFEST_NAME).exists() or looks_like_one:
+        targets = [root]  # a checkpoint folder without MANIFEST.json fails below, naming it
     else:
         targets = []
         for folder, dirnames, _ in os.walk(root, followlinks=False):
@@ -146,7 +150,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for path in sorted(targets):
         try:
             manifest = verify(path)
-            report.append({"path": str(path), "ok": True, "files": len(manifest["files"])})
+            unlisted = unlisted_files(path, manifest)
+            report.append({"path": str(path), "ok": True, "files": len(manifest["files"]), "unlisted": unlisted})
         except CheckpointCorrupt as exc:
             report.append({"path": str(path), "ok": False, "reason": exc.reason, "file": exc.path})
     bad = [r for r in report if not r["ok"]]
@@ -155,6 +160,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         for r in report:
             print(f"{'ok  ' if r['ok'] else 'FAIL'} {r['path']}" + ("" if r["ok"] else f": {r['reason']}"))
+            for name in r.get("unlisted", []):
+                print(
+                    f"warn {r['path']}: {name} is not listed in the manifest (never loaded; not part of the checkpoint)"
+                )
     if bad:
         print(f"error: {len(bad)} of {len(report)} checkpoint(s) failed verification; first: {bad[0]['file']}: "
               f"{bad[0]['reason']}", file=sys.stderr)  # fmt: skip
@@ -199,7 +208,18 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every-seconds", type=float)
     t.add_argument("--keep-last", type=int)
     t.add_argument("--keep-best", type=int)
-    t.add_argument("--resume", default="auto", help="auto | never | PATH to a step-NNNNNN folder")
+    t.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (continue the newest checkpoint that verifies) | never (start fresh; refused while a "
+        "checkpoint verifies, damaged ones are set aside) | PATH to a step-NNNNNN folder of the run "
+        "(a rollback: newer checkpoints move to abandoned/)",
+    )
+    t.add_argument(
+        "--accept-config-change",
+        action="store_true",
+        help="resume even though the batch size, schedule, optimizer settings or data changed (recorded in run.json)",
+    )
     t.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps")
     t.add_argument("--save-mode", choices=["async", "sync"])
     t.add_argument("--on-save-error", choices=["stop", "continue"])
@@ -231,10 +251,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cli_words(exc: BaseException) -> str:
+    """The engine's message, with its fixes phrased as this command's flags."""
+    text = str(exc)
+    for engine, cli in (
+        ("accept the change on purpose with accept_config_change", "add --accept-config-change to accept it"),
+        ("set them aside and start over with resume=never", "set them aside with --resume never"),
+        ("continue it with resume=auto", "continue it with --resume auto"),
+        ("use a new run name", "use a new --run-name"),
+    ):
+        text = text.replace(engine, cli)
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     from .engine.checkpoint import CheckpointError
     from .engine.data import CorpusError
     from .engine.devices import DeviceError
+    from .engine.exactness import ConfigChanged
     from .engine.experiment_db import ExperimentDBError
     from .engine.runlock import RunLocked
     from .engine.trainer import ResumeError
@@ -250,11 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         DeviceError,
         RunLocked,
         ExperimentDBError,
+        ConfigChanged,
     )
     try:
         return args.func(args)
     except expected as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_cli_words(exc)}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
-import warnings
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 class ConfigError(ValueError):
     """A config value is out of range; the message names the field and what is allowed."""
+
+
+# Upper bounds of the counts: far beyond any real run, low enough that a typo (an extra
+# few zeros) is caught before it allocates or loops for ever.
+MAX_STEPS = 10**9  # epochs * steps_per_epoch, warmup, save cadence
+MAX_STEPS_PER_EPOCH = 10**8
+MAX_MODEL_DIM = {"n_layer": 1024, "n_head": 1024, "n_embd": 65536, "context_length": 1 << 20, "batch_size": 1 << 20}
+MAX_EVAL_BATCHES = 10**6
+MAX_KEEP = 10**6
+MAX_CORPUS_BYTES = 1 << 40
+# Metric names a run of the built-in model logs; task metrics are train/<name> and val/<name>.
+KNOWN_METRICS = (
+    "train/loss", "train/perplexity", "val/loss", "val/perplexity", "learning_rate", "grad_norm",
+    "epoch_seconds", "tokens_per_second",
+)  # fmt: skip
+# Settings of one invocation, not of the run: never compared by a resume.
+INVOCATION_FIELDS = ("accept_config_change",)
+
+
+def check_monitor_metric(name: object) -> str | None:
+    """None when `name` may be monitored, else the reason (a near miss of a known name)."""
+    if not isinstance(name, str) or not name:
+        return "a metric name such as 'val/loss'"
+    if name in KNOWN_METRICS or name.startswith("drift/"):
+        return None
+    close = difflib.get_close_matches(name, KNOWN_METRICS, n=1, cutoff=0.75)
+    if close:
+        return f"a metric the run logs; did you mean {close[0]!r}?"
+    head, _, tail = name.partition("/")
+    if head in ("train", "val") and tail:
+        return None  # a task's own metric
+    return f"one of {list(KNOWN_METRICS)} or a task metric 'train/<name>' / 'val/<name>'"
 
 
 @dataclass(kw_only=True)
@@ -84,13 +117,24 @@ class TrainingConfig:
     distributed_strategy: str = "ddp"  # ddp | fsdp, used under torchrun
 
     config_version: int = CONFIG_VERSION
-    # Keys a newer version wrote that this one does not know; reported, kept for the record.
+    # A resume may continue with a changed batch size, schedule, optimizer setting or data;
+    # each change is recorded in run.json. Not part of the run's settings (never compared).
+    accept_config_change: bool = False
+    # Always empty: unknown keys are errors (kept so older callers that read it still work).
     unknown_keys: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        self.workspace_root = str(self.workspace_root)
+        if not isinstance(self.workspace_root, (str, os.PathLike)):
+            raise ConfigError(
+                f"config field workspace_root={self.workspace_root!r} is invalid: allowed a folder path (text)"
+            )
+        self.workspace_root = os.fspath(self.workspace_root)
+        if self.corpus is not None and not isinstance(self.corpus, (str, os.PathLike)):
+            raise ConfigError(
+                f"config field corpus={self.corpus!r} is invalid: allowed a path (text), or null for the default"
+            )
         if self.corpus is not None:
-            self.corpus = str(self.corpus)
+            self.corpus = os.fspath(self.corpus)
         self.validate()
 
     # -- derived paths -----------------------------------------------------------------
@@ -139,24 +183,34 @@ class TrainingConfig:
         need(isinstance(self.workspace_root, str) and self.workspace_root != "", "workspace_root", "a folder path")
         need(self.preset in PRESETS, "preset", f"one of {sorted(PRESETS)}")
         need(is_int(self.seed) and 0 <= self.seed < 2**63, "seed", "an integer in [0, 2**63)")
-        need(is_int(self.corpus_max_bytes) and self.corpus_max_bytes >= 1024, "corpus_max_bytes", "an integer >= 1024")
+        need(self.corpus != "", "corpus", "a file or folder path, or null (unset) for the default corpus")
+        need(
+            is_int(self.corpus_max_bytes) and 1024 <= self.corpus_max_bytes <= MAX_CORPUS_BYTES,
+            "corpus_max_bytes",
+            f"an integer in [1024, {MAX_CORPUS_BYTES}]",
+        )
         need(is_num(self.val_fraction) and 0.0 < self.val_fraction < 0.5, "val_fraction", "a number in (0, 0.5)")
-        for name in ("n_layer", "n_head", "n_embd", "context_length", "batch_size"):
-            need(is_int(getattr(self, name)) and getattr(self, name) >= 1, name, "an integer >= 1")
+        for name, limit in MAX_MODEL_DIM.items():
+            need(is_int(getattr(self, name)) and 1 <= getattr(self, name) <= limit, name, f"an integer in [1, {limit}]")
         need(self.n_embd % self.n_head == 0, "n_embd", f"a multiple of n_head={self.n_head}")
         need(is_num(self.dropout) and 0.0 <= self.dropout < 1.0, "dropout", "a number in [0, 1)")
         need(is_num(self.learning_rate) and 0 < self.learning_rate <= 1, "learning_rate", "a number in (0, 1]")
         need(is_num(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1, "min_lr_ratio", "a number in [0, 1]")
-        need(is_int(self.warmup_steps) and self.warmup_steps >= 0, "warmup_steps", "an integer >= 0")
+        need(is_int(self.warmup_steps) and 0 <= self.warmup_steps <= MAX_STEPS, "warmup_steps",
+             f"an integer in [0, {MAX_STEPS}]")  # fmt: skip
         need(is_num(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a number >= 0")
         need(is_num(self.beta1) and 0 <= self.beta1 < 1, "beta1", "a number in [0, 1)")
         need(is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", "a number in [0, 1)")
         need(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables)")
         need(is_int(self.epochs) and 1 <= self.epochs <= 100_000, "epochs", "an integer in [1, 100000]")
-        need(is_int(self.steps_per_epoch) and self.steps_per_epoch >= 1, "steps_per_epoch", "an integer >= 1")
-        need(is_int(self.eval_batches) and self.eval_batches >= 1, "eval_batches", "an integer >= 1")
+        need(is_int(self.steps_per_epoch) and 1 <= self.steps_per_epoch <= MAX_STEPS_PER_EPOCH, "steps_per_epoch",
+             f"an integer in [1, {MAX_STEPS_PER_EPOCH}]")  # fmt: skip
+        need(self.epochs * self.steps_per_epoch <= MAX_STEPS, "steps_per_epoch",
+             f"with epochs={self.epochs}, at most {MAX_STEPS} steps in all")  # fmt: skip
+        need(is_int(self.eval_batches) and 1 <= self.eval_batches <= MAX_EVAL_BATCHES, "eval_batches",
+             f"an integer in [1, {MAX_EVAL_BATCHES}]")  # fmt: skip
         need(
-            is_int(self.save_every_steps) and self.save_every_steps >= 0,
+            is_int(self.save_every_steps) and 0 <= self.save_every_steps <= MAX_STEPS,
             "save_every_steps",
             "an integer >= 0 (0 = off)",
         )
@@ -165,13 +219,12 @@ class TrainingConfig:
             "save_every_seconds",
             "a number >= 0 (0 = off)",
         )
-        need(is_int(self.keep_last) and self.keep_last >= 0, "keep_last", "an integer >= 0 (0 keeps all)")
-        need(is_int(self.keep_best) and self.keep_best >= 0, "keep_best", "an integer >= 0")
-        need(
-            isinstance(self.monitor_metric, str) and self.monitor_metric != "",
-            "monitor_metric",
-            "a metric name such as 'val/loss'",
-        )
+        need(is_int(self.keep_last) and 0 <= self.keep_last <= MAX_KEEP, "keep_last",
+             f"an integer in [0, {MAX_KEEP}] (0 keeps all)")  # fmt: skip
+        need(is_int(self.keep_best) and 0 <= self.keep_best <= MAX_KEEP, "keep_best", f"an integer in [0, {MAX_KEEP}]")
+        metric_problem = check_monitor_metric(self.monitor_metric)
+        need(metric_problem is None, "monitor_metric", metric_problem or "")
+        need(isinstance(self.accept_config_change, bool), "accept_config_change", "true or false")
         need(self.monitor_mode in ("min", "max"), "monitor_mode", "'min' or 'max'")
         need(isinstance(self.async_save, bool), "async_save", "true or false")
         need(self.on_save_error in ("stop", "continue"), "on_save_error", "'stop' or 'continue'")
@@ -182,7 +235,11 @@ class TrainingConfig:
         need(device_ok, "device", "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
         need(self.precision in ("auto", "fp32", "bf16", "fp16"), "precision", "'auto', 'fp32', 'bf16' or 'fp16'")
         need(self.distributed_strategy in ("ddp", "fsdp"), "distributed_strategy", "'ddp' or 'fsdp'")
-        need(is_int(self.config_version) and self.config_version >= 1, "config_version", "an integer >= 1")
+        need(
+            is_int(self.config_version) and 1 <= self.config_version <= CONFIG_VERSION,
+            "config_version",
+            f"an integer in [1, {CONFIG_VERSION}] (a higher one was written by a newer version: upgrade the package)",
+        )
 
     # -- construction and serialisation ------------------------------------------------
     @classmethod
@@ -203,21 +260,17 @@ class TrainingConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
-        """Build from a plain dict. Keys this version does not know (written by a newer
-        version) are reported with a warning and kept in `unknown_keys`, not crashed on."""
+        """Build from a plain dict. An unknown key is an error naming the closest known one
+        (a misspelt setting must never train silently with the default)."""
         if not isinstance(data, dict):
             raise ConfigError(f"a config must be a JSON object (dict), got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)} - {"unknown_keys"}
-        unknown = {k: v for k, v in data.items() if k not in known}
-        if unknown:
-            warnings.warn(
-                f"config keys not known to this version were ignored: {sorted(unknown)} "
-                "(written by a newer version? upgrade the package to use them)",
-                stacklevel=2,
-            )
-        config = cls(**{k: v for k, v in data.items() if k in known})
-        config.unknown_keys = unknown
-        return config
+        known = sorted({f.name for f in dataclasses.fields(cls)} - {"unknown_keys"})
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+                raise ConfigError(f"unknown config key {key!r}{hint}")
+        return cls(**data)
 
     @classmethod
     def from_json(cls, text: str) -> TrainingConfig:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +17,22 @@ from typing import Any
 
 import torch
 
+from .checkpoint_index import (  # noqa: F401 - listing and retention live there (torch-free); re-exported
+    STEP_DIR,
+    CheckpointError,
+    CheckpointListingError,
+    NoCheckpointFound,
+    apply_retention,
+    best_verified_checkpoint,
+    latest_valid_checkpoint,
+    latest_verified_checkpoint,
+    list_checkpoints,
+    list_leftovers,
+    step_dir_name,
+)
 from .commit import (
     MANIFEST_NAME,
-    TEMP_PREFIX,
-    TRASH_PREFIX,
     CheckpointCorrupt,
-    CheckpointError,
     CheckpointWriteError,
     HashingWriter,
     cheap_check,
@@ -47,38 +56,6 @@ from .serialization import (
 from .trainer_state import TRAINER_FILE, read_trainer_state
 
 log = logging.getLogger(__name__)
-
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-class NoCheckpointFound(CheckpointError):
-    """No folder that passes the check exists where we looked."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Committed-looking step folders of a run, newest first (temp and trash folders excluded)."""
-    found = []
-    try:
-        entries = list(Path(run_dir).iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        match = STEP_DIR.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry))
-    return sorted(found, reverse=True)
-
-
-def list_leftovers(run_dir: Path) -> list[Path]:
-    """Temp folders of saves that never finished, and trash of interrupted deletes."""
-    try:
-        return sorted(p for p in Path(run_dir).iterdir() if p.name.startswith((TEMP_PREFIX, TRASH_PREFIX)))
-    except OSError:
-        return []
 
 
 # -- serialisation ------------------------------------------------------------------------
@@ -221,49 +198,6 @@ def load_checkpoint(
     )
 
 
-def latest_valid_checkpoint(run_dir: Path, *, full: bool = True) -> tuple[Path | None, list[dict[str, str]]]:
-    """Newest checkpoint that verifies (full hashes, or the cheap check), and what was passed over."""
-    skipped: list[dict[str, str]] = []
-    for _, path in list_checkpoints(run_dir):
-        try:
-            verify(path) if full else cheap_check(path)
-            return path, skipped
-        except CheckpointCorrupt as exc:
-            skipped.append({"path": str(path), "reason": exc.reason})
-    return None, skipped
-
-
-# -- retention ----------------------------------------------------------------------------
-def apply_retention(
-    run_dir: Path, *, keep_last: int, keep_best: int, monitor_metric: str, monitor_mode: str
-) -> list[Path]:
-    """Delete checkpoints beyond the newest `keep_last` and the best `keep_best` by the
-    monitored metric. `keep_last=0` keeps everything. The newest and the best are never
-    deleted; folders that fail the check are left for a person to look at."""
-    if keep_last == 0:
-        return []
-    scored: list[tuple[int, Path, float | None]] = []
-    for step, path in list_checkpoints(run_dir):
-        try:
-            manifest = cheap_check(path)
-        except CheckpointCorrupt:
-            continue
-        value = (manifest.get("metrics") or {}).get(monitor_metric)
-        scored.append((step, path, value if isinstance(value, (int, float)) else None))
-    if not scored:
-        return []
-    keep = {path for _, path, _ in scored[: max(keep_last, 1)]}
-    with_metric = [s for s in scored if s[2] is not None]
-    with_metric.sort(key=lambda s: (s[2] if monitor_mode == "min" else -s[2], -s[0]))
-    keep |= {path for _, path, _ in with_metric[: max(keep_best, 1)]}
-    deleted = []
-    for _, path, _ in scored:
-        if path not in keep:
-            remove_tree(path)
-            deleted.append(path)
-    return deleted
-
-
 # -- the manager: one guarded entry per action, background writer named and joined --------
 class CheckpointManager:
     """Saves checkpoints for one run, synchronously or in a background thread.
@@ -294,7 +228,7 @@ class CheckpointManager:
         self._thread: threading.Thread | None = None
         self._snapshot_taken = threading.Event()
         self._snapshot_taken.set()
-        self._error: BaseException | None = None
+        self._errors: list[BaseException] = []  # of finished saves, oldest first; check() raises each once
         self.last_saved_path: Path | None = None
         self.saves_completed = 0
 
@@ -313,7 +247,7 @@ class CheckpointManager:
         trainer_state: dict[str, Any],
         manifest_fields: dict[str, Any] | None = None,
     ) -> None:
-        self.wait_until_finished()
+        self._join()  # a failed previous save is raised by check() after this state is handed over
         unique, aliases = split_tied(model_state)
         trainer_json = encode_json(trainer_state)
         fields = {"step": step, **(manifest_fields or {})}
@@ -355,7 +289,7 @@ class CheckpointManager:
         try:
             snap = take_snapshot()
         except BaseException as exc:  # handed to the training thread by check()
-            self._error = exc
+            self._errors.append(exc)
             return
         finally:
             self._snapshot_taken.set()
@@ -379,21 +313,23 @@ class CheckpointManager:
                 monitor_mode=self.monitor_mode,
             )
         except BaseException as exc:  # handed to the training thread by check()
-            self._error = exc
+            self._errors.append(exc)
 
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
     def check(self) -> None:
         """Raise the error of a finished background save, once."""
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        if self._errors:
+            raise self._errors.pop(0)
 
-    def wait_until_finished(self) -> None:
+    def _join(self) -> None:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+
+    def wait_until_finished(self) -> None:
+        self._join()
         self.check()
 
     def close(self, raise_errors: bool = True) -> None:

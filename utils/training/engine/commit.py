@@ -9,11 +9,13 @@ not atomic (Drive's FUSE mount, network filesystems) a partial copy is never tak
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
 import shutil
 import stat
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,10 @@ MANIFEST_HASH_KEY = "manifest_hash"
 HASH_ALGORITHM = "xxh3_128"
 TEMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+ABANDONED_DIR = "abandoned"  # <run>/abandoned/<UTC YYYYMMDDTHHMMSSZ>/: set aside, never deleted
+STEP_DIR_PREFIX = "step-"
+# errno values meaning "this filesystem cannot fsync a folder": the only ones fsync_dir ignores.
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a manifest or state JSON larger than this is not ours
 CHUNK_BYTES = 64 * 1024 * 1024
 SMALL_WRITE_BYTES = 1024 * 1024
@@ -53,6 +59,14 @@ class UnsupportedFormat(CheckpointCorrupt):
 
 class CheckpointWriteError(CheckpointError):
     """A save failed (disk full, permission, I/O error); the previous checkpoints are intact."""
+
+
+class CheckpointExists(CheckpointWriteError):
+    """A verified checkpoint already holds this step's name; it is kept, the new save is not committed."""
+
+
+class RemoveFailed(CheckpointError):
+    """A folder could not be deleted completely; `path` is what is left."""
 
 
 def new_hasher() -> Any:
@@ -116,14 +130,22 @@ class HashingWriter:
 
 
 def fsync_dir(path: Path) -> None:
+    """fsync a folder so a rename in it is durable. Only "not supported" errors (EINVAL,
+    ENOTSUP, EBADF: platforms and FUSE mounts that cannot fsync a folder) are ignored; any
+    other error (EIO: a failed write-back) is raised."""
+    if os.name == "nt":
+        return  # Windows cannot open a folder; NTFS journals the rename itself
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems (and Windows) cannot open a folder; nothing more to do
+    except OSError as exc:
+        if exc.errno in _FSYNC_UNSUPPORTED:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass  # fsync of a directory is unsupported on some FUSE mounts; the manifest rule still holds
+    except OSError as exc:
+        if exc.errno not in _FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 
@@ -194,44 +216,143 @@ def _is_sealed(raw: bytes, manifest: dict[str, Any]) -> bool:
     return raw.count(field) == 1 and bytes_digest(raw.replace(field, _hash_field(_UNSEALED))) == recorded
 
 
+_VERIFIED: dict[str, tuple] = {}  # folder -> stat identity of its files when last seen intact
+
+
+def _identity(folder: Path, manifest: dict[str, Any]) -> tuple:
+    items = []
+    for name in sorted(manifest["files"]):
+        st = os.lstat(_safe_member(folder, name))
+        items.append((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    st = os.lstat(folder / MANIFEST_NAME)
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, tuple(items))
+
+
+def remember_verified(folder: Path, manifest: dict[str, Any]) -> None:
+    """Record that `folder` holds exactly the bytes its manifest hashes (just written, or just
+    hashed), keyed by its files' inode, size, mtime and ctime, so a later `verify_cached`
+    re-hashes only a folder whose files changed since."""
+    try:
+        _VERIFIED[str(Path(folder).absolute())] = _identity(Path(folder), manifest)
+    except (OSError, CheckpointCorrupt):
+        _VERIFIED.pop(str(Path(folder).absolute()), None)
+
+
+def verify_cached(folder: Path) -> dict[str, Any]:
+    """`verify`, skipping the hashing when no file of the folder changed since it was last
+    verified or written by this process. Raises CheckpointCorrupt."""
+    folder = Path(folder)
+    manifest = cheap_check(folder)
+    key = str(folder.absolute())
+    try:
+        same = _VERIFIED.get(key) == _identity(folder, manifest)
+    except OSError:
+        same = False
+    if same:
+        return manifest
+    _VERIFIED.pop(key, None)
+    manifest = verify(folder)
+    remember_verified(folder, manifest)
+    return manifest
+
+
+def utc_stamp(when: float | None = None) -> str:
+    """A UTC time as YYYYMMDDTHHMMSSZ: the name of one `abandoned/` batch."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if when is None else when))
+
+
+def set_aside(path: Path, batch_dir: Path) -> Path:
+    """Move `path` into `batch_dir` (created; e.g. <run>/abandoned/<UTC>/) under its own name,
+    durably (both folders fsynced). Nothing is deleted. Returns the new path."""
+    path, batch_dir = Path(path), Path(batch_dir)
+    batch_dir.mkdir(parents=True, exist_ok=True)
+    target = batch_dir / path.name
+    if target.exists() or target.is_symlink():
+        target = batch_dir / f"{path.name}-{secrets.token_hex(4)}"
+    os.rename(path, target)
+    fsync_dir(batch_dir)
+    fsync_dir(path.parent)
+    return target
+
+
 def commit_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished temp folder into place. An existing folder of that name (a damaged
-    leftover of an earlier save at the same step) is moved aside first, then removed."""
-    trash = None
+    """Rename a finished temp folder into place. A folder of that name that verifies is never
+    touched: CheckpointExists is raised and the new save is not committed. One that does not
+    verify (a damaged leftover of an earlier save at the same step) is set aside into
+    `abandoned/<UTC>/`, never deleted, and only then is the new one renamed in: a crash
+    between the two renames leaves the old one in abandoned/ and the new one complete in
+    its temp folder."""
+    tmp, final = Path(tmp), Path(final)
     if final.exists() or final.is_symlink():
-        trash = final.with_name(f"{TRASH_PREFIX}{final.name}-{secrets.token_hex(4)}")
-        os.rename(final, trash)
+        try:
+            verify(final)
+        except CheckpointCorrupt as exc:
+            if final.is_symlink():
+                final.unlink()  # a link is not a checkpoint; its target is never touched
+            else:
+                set_aside(final, final.parent / ABANDONED_DIR / utc_stamp())
+            del exc
+        else:
+            raise CheckpointExists(
+                final,
+                "a checkpoint that verifies already has this name; it is kept and this save was not committed",
+                "resume from it, or move it away yourself",
+            )
     os.rename(tmp, final)
     fsync_dir(final.parent)
-    if trash is not None:
-        remove_tree(trash)
+    try:
+        remember_verified(final, read_manifest(final))  # hashed while written: no re-read needed
+    except CheckpointCorrupt:
+        pass  # verify_cached will hash it
 
 
-def remove_tree(path: Path) -> None:
+def remove_tree(path: Path, *, strict: bool = False) -> list[str]:
     """Delete a checkpoint folder. It is first renamed to a `.trash-` sibling (atomic where
     rename is), so a crash never leaves a half-deleted folder under a checkpoint's name (the
     next trainer clears the trash); then the manifest goes first, so where rename is not
     atomic a half-deleted folder is still never mistaken for a checkpoint. A symlink is
-    unlinked, never followed."""
+    unlinked, never followed. Returns what could not be deleted ("path: reason"); with
+    strict=True, raises RemoveFailed instead."""
     path = Path(path)
+    failures: list[str] = []
     if path.is_symlink():
         try:
             path.unlink()
-        except OSError:
-            pass  # gone already, or not ours to remove: the target is never touched
-        return
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            failures.append(f"{path}: {exc.strerror or exc}")
+        return _report(path, failures, strict)
     if not path.name.startswith((TEMP_PREFIX, TRASH_PREFIX)):
         trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{secrets.token_hex(4)}")
         try:
             os.rename(path, trash)
             path = trash
+        except FileNotFoundError:
+            return []
         except OSError:
             pass  # delete in place, manifest first
     try:
         (path / MANIFEST_NAME).unlink(missing_ok=True)
     except OSError:
         pass  # the rmtree below reports what matters
-    shutil.rmtree(path, ignore_errors=True)
+
+    def on_error(_func: Any, failed: str, exc_info: Any) -> None:
+        exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
+        if not isinstance(exc, FileNotFoundError):
+            failures.append(f"{failed}: {getattr(exc, 'strerror', None) or exc}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=on_error)
+    else:
+        shutil.rmtree(path, onerror=on_error)
+    return _report(path, failures, strict)
+
+
+def _report(path: Path, failures: list[str], strict: bool) -> list[str]:
+    if failures and strict:
+        raise RemoveFailed(path, f"could not delete: {failures[0]}", "check permissions; delete it by hand")
+    return failures
 
 
 def parse_json(path: Path, what: str, raw: bytes) -> Any:
@@ -339,15 +460,60 @@ def _check_member_stat(folder: Path, name: str, entry: dict[str, Any]) -> Path:
     return path
 
 
+DCP_DIR = "dcp"  # a distributed checkpoint's shards (dist_checkpoint.py)
+
+
+def _check_name_matches_step(folder: Path, manifest: dict[str, Any]) -> None:
+    name = folder.name
+    digits = name[len(STEP_DIR_PREFIX) :]
+    if not (name.startswith(STEP_DIR_PREFIX) and len(digits) >= 6 and digits.isdigit()):
+        return
+    step = manifest.get("step")
+    if isinstance(step, int) and not isinstance(step, bool) and step != int(digits):
+        raise CheckpointCorrupt(
+            folder,
+            f"the folder name says step {int(digits)} but its manifest says step {step} (a copied or renamed folder)",
+            f"rename it back to {STEP_DIR_PREFIX}{step:06d} or move it out of the run folder",
+        )
+
+
+def _check_no_unlisted_dcp(folder: Path, manifest: dict[str, Any]) -> None:
+    listed = any(name.startswith(DCP_DIR + "/") for name in manifest["files"])
+    if not listed and os.path.lexists(folder / DCP_DIR):
+        raise CheckpointCorrupt(
+            folder / DCP_DIR,
+            f"{DCP_DIR}/ is not listed in the manifest of this single-process checkpoint (planted or foreign files)",
+            f"delete {folder / DCP_DIR}; nothing in it is ever loaded",
+        )
+
+
+def unlisted_files(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    """Files (relative paths) inside a checkpoint folder that its manifest does not list.
+    Nothing unlisted is ever loaded; `verify` reports them as warnings."""
+    folder = Path(folder)
+    listed = set(manifest["files"]) | {MANIFEST_NAME}
+    found = []
+    for root, dirnames, names in os.walk(folder, followlinks=False):
+        rel_root = Path(root).relative_to(folder)
+        for name in names + [d for d in dirnames if os.path.islink(os.path.join(root, d))]:
+            rel = (rel_root / name).as_posix()
+            if rel not in listed:
+                found.append(rel)
+    return sorted(found)
+
+
 def cheap_check(folder: Path) -> dict[str, Any]:
-    """Manifest present and valid, every file present with its recorded size. Reads no data
-    beyond the manifest; returns the manifest. Raises CheckpointCorrupt."""
+    """Manifest present and valid, every file present with its recorded size, the step in a
+    `step-NNNNNN` name equal to the manifest's, no unlisted `dcp/`. Reads no data beyond the
+    manifest; returns the manifest. Raises CheckpointCorrupt."""
     folder = Path(folder)
     if folder.is_symlink():
         raise CheckpointCorrupt(folder, "checkpoint folder is a symlink (refused)")
     manifest = read_manifest(folder)
+    _check_name_matches_step(folder, manifest)
     for name, entry in manifest["files"].items():
         _check_member_stat(folder, name, entry)
+    _check_no_unlisted_dcp(folder, manifest)
     return manifest
 
 

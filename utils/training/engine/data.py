@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import stat
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,42 +32,100 @@ def stdlib_source_files() -> list[Path]:
     return sorted(p for p in stdlib.glob("*.py") if p.is_file())
 
 
+SNIFF_BYTES = 8192  # how much of a file is looked at to tell text from binary
+SNAPSHOT_FILE = "corpus.snapshot"  # the default corpus as this run first read it (DESIGN.md)
+
+
+def _check_text_file(path: Path, *, named: bool) -> bool:
+    """A regular text file: True. A binary file: False when found inside a folder, an error
+    when the user named it. Devices, FIFOs and sockets are always errors (reading one would
+    block or never end)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus {path}: {exc.strerror}; check the path") from exc
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device or special file"
+        raise CorpusError(f"corpus {path} is {kind}, not a text file; point the corpus at a text file or folder")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SNIFF_BYTES)
+    except OSError as exc:
+        raise CorpusError(f"cannot read corpus file {path}: {exc.strerror}") from exc
+    binary = b"\x00" in head
+    if not binary:
+        try:
+            head.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            binary = exc.start < len(head) - 4  # a character cut at the end of the sample is fine
+    if binary and named:
+        raise CorpusError(f"corpus {path} is a binary file, not UTF-8 text; point the corpus at a text file")
+    return not binary
+
+
 def _corpus_files(corpus: str | None) -> list[Path]:
     if corpus is None:
         files = stdlib_source_files()
         if not files:
             raise CorpusError("no Python standard library source found; pass --corpus PATH to a text file")
         return files
+    if not isinstance(corpus, str) or not corpus.strip():
+        raise CorpusError(f"corpus {corpus!r} is empty; leave it unset for the default, or give a text file")
     path = Path(corpus).expanduser()
-    if path.is_file():
-        return [path]
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
+        files = [p for p in files if _check_text_file(p, named=False)]
         if not files:
             raise CorpusError(
                 f"corpus folder {path} has no text files ({', '.join(sorted(TEXT_SUFFIXES))}); "
                 "point --corpus at a text file or a folder of them"
             )
         return files
+    if os.path.lexists(path):
+        _check_text_file(path, named=True)
+        return [path]
     raise CorpusError(f"corpus {path} does not exist; pass a text file or a folder of text files")
 
 
 def load_corpus_bytes(corpus: str | None, max_bytes: int) -> bytes:
-    """Concatenate the corpus files (sorted, so the same on every run) up to max_bytes."""
-    chunks: list[bytes] = []
-    total = 0
+    """Concatenate the corpus files (sorted, so the same on every run) up to max_bytes. No
+    more than max_bytes is ever read, so memory stays bounded whatever the files' sizes."""
+    out = bytearray()
     for file in _corpus_files(corpus):
         try:
-            data = file.read_bytes()
+            with open(file, "rb") as f:
+                out += f.read(max_bytes - len(out))
         except OSError as exc:
             if corpus is None:
                 continue  # an unreadable stdlib file is skipped; the rest is plenty
             raise CorpusError(f"cannot read corpus file {file}: {exc.strerror}") from exc
-        chunks.append(data[: max_bytes - total])
-        total += len(chunks[-1])
-        if total >= max_bytes:
+        if len(out) >= max_bytes:
             break
-    return b"".join(chunks)
+    return bytes(out)
+
+
+def load_run_corpus(corpus: str | None, max_bytes: int, run_dir: Path, *, write_snapshot: bool = True) -> bytes:
+    """The corpus bytes of a run. The default corpus (Python's standard library) is read once
+    and snapshotted into `<run>/corpus.snapshot` (fsynced, renamed into place), and every
+    later start of the run reads the snapshot, so a Python upgrade never changes a run's
+    data. A given corpus path is read as it is (a changed one is caught by the resume's
+    data fingerprint check)."""
+    if corpus is not None:
+        return load_corpus_bytes(corpus, max_bytes)
+    snapshot = Path(run_dir) / SNAPSHOT_FILE
+    if snapshot.is_file():
+        with open(snapshot, "rb") as f:
+            return f.read(max_bytes)
+    data = load_corpus_bytes(None, max_bytes)
+    if write_snapshot:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        tmp = snapshot.with_name(f".{SNAPSHOT_FILE}.tmp-{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, snapshot)
+    return data
 
 
 def _split_is_usable(n_bytes: int, val_fraction: float, context_length: int) -> bool:
@@ -91,8 +151,21 @@ class Corpus:
     fingerprint: str  # hash of the bytes, stored with checkpoints to catch a changed corpus
 
     @classmethod
-    def load(cls, corpus: str | None, *, max_bytes: int, val_fraction: float, context_length: int) -> Corpus:
-        data = load_corpus_bytes(corpus, max_bytes)
+    def load(
+        cls,
+        corpus: str | None,
+        *,
+        max_bytes: int,
+        val_fraction: float,
+        context_length: int,
+        run_dir: Path | None = None,
+        write_snapshot: bool = True,
+    ) -> Corpus:
+        """With `run_dir`, the default corpus comes from (or is saved to) the run's snapshot."""
+        if run_dir is not None:
+            data = load_run_corpus(corpus, max_bytes, run_dir, write_snapshot=write_snapshot)
+        else:
+            data = load_corpus_bytes(corpus, max_bytes)
         n_val = int(len(data) * val_fraction)
         if not _split_is_usable(len(data), val_fraction, context_length):
             where = corpus if corpus is not None else "the standard library"

@@ -11,14 +11,20 @@ notebook's inference cell and a resume with another world size read it like any 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -28,13 +34,17 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .checkpoint import MODEL_FILE, STATE_FILE, TRAINER_FILE, apply_retention, split_tied, step_dir_name
 from .commit import (
+    MAX_JSON_BYTES,
+    CheckpointCorrupt,
     CheckpointWriteError,
     HashingWriter,
     commit_dir,
     fsync_dir,
     hash_file,
     new_temp_dir,
+    read_manifest,
     remove_tree,
+    verify,
     write_json_file,
     write_manifest,
 )
@@ -47,8 +57,18 @@ def rank_state_file(rank: int) -> str:
     return STATE_FILE if rank == 0 else f"training_state.rank-{rank}.pt"
 
 
-def is_distributed_checkpoint(path: Path) -> bool:
-    return (Path(path) / DCP_DIR).is_dir()
+def is_distributed_checkpoint(path: Path, manifest: dict[str, Any] | None = None) -> bool:
+    """A checkpoint whose sealed manifest lists files under dcp/ (a dcp/ folder alone is not
+    enough: a planted one is never loaded)."""
+    path = Path(path)
+    if not (path / DCP_DIR).is_dir():
+        return False
+    if manifest is None:
+        try:
+            manifest = read_manifest(path)
+        except CheckpointCorrupt:
+            return False
+    return any(name.startswith(DCP_DIR + "/") for name in manifest["files"])
 
 
 class DistributedCheckpointManager:
@@ -160,10 +180,117 @@ class DistributedCheckpointManager:
                 raise
 
 
-def load_distributed(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+# The classes a .metadata file written by torch.distributed.checkpoint refers to, and nothing else.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_ALLOWED_GLOBALS = {
+    *(
+        (_DCP_METADATA_MODULE, name)
+        for name in (
+            "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+            "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING",
+        )
+    ),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+}  # fmt: skip
+
+
+class UnsafeCheckpoint(CheckpointCorrupt):
+    """A checkpoint file asks to run or import something a checkpoint never needs."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's own metadata classes and torch dtypes; anything else is refused
+    before it is imported, so a planted payload never runs."""
+
+    def __init__(self, raw: bytes, path: Path) -> None:
+        super().__init__(io.BytesIO(raw))
+        self._path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) not in _ALLOWED_GLOBALS and not dtype:
+            raise UnsafeCheckpoint(
+                self._path,
+                f"refers to {module}.{name}, which is not part of torch.distributed.checkpoint metadata; not loaded",
+                "this checkpoint was tampered with or is foreign; delete it",
+            )
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafeCheckpoint(self._path, "uses persistent ids, which DCP metadata never does; not loaded")
+
+
+def read_dcp_metadata(path: Path) -> Metadata:
+    """Read a DCP `.metadata` file through the restricted unpickler."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise CheckpointCorrupt(path, f"larger than {MAX_JSON_BYTES} bytes; not DCP metadata")
+    try:
+        metadata = _MetadataUnpickler(raw, path).load()
+    except UnsafeCheckpoint:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means damaged metadata
+        raise CheckpointCorrupt(path, f"DCP metadata cannot be read ({type(exc).__name__})") from exc
+    if not isinstance(metadata, Metadata):
+        raise CheckpointCorrupt(path, f"holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose metadata goes through the restricted unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_dcp_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DefaultLoadPlanner that reads non-tensor items with torch.load(weights_only=True)."""
+
+    def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+        loaded = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = loaded
+
+
+def check_dcp_listed(path: Path, manifest: dict[str, Any]) -> None:
+    """Every file under dcp/ must be listed (and so hashed) in the sealed manifest."""
+    root = Path(path) / DCP_DIR
+    for folder, dirnames, names in os.walk(root, followlinks=False):
+        for name in names + [d for d in dirnames if os.path.islink(os.path.join(folder, d))]:
+            rel = (Path(folder) / name).relative_to(path).as_posix()
+            if rel not in manifest["files"]:
+                raise CheckpointCorrupt(
+                    Path(folder) / name, f"{rel} is not listed in the manifest; nothing unlisted is loaded",
+                    "delete it, or use another checkpoint",
+                )  # fmt: skip
+
+
+def load_distributed(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, manifest: dict[str, Any] | None = None
+) -> None:
     """Load model and optimizer from dcp/ into the (possibly wrapped or sharded) model. Works
-    with any world size, including a single process with no process group."""
+    with any world size, including a single process with no process group. Only files the
+    sealed manifest lists are read: pass the manifest of a checkpoint already verified by
+    hash, or it is verified here; `.metadata` goes through the restricted unpickler."""
+    path = Path(path)
+    if manifest is None:
+        manifest = verify(path)
+    if not is_distributed_checkpoint(path, manifest):
+        raise CheckpointCorrupt(path, "the manifest lists no dcp/ files; not a distributed checkpoint")
+    check_dcp_listed(path, manifest)
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
-    dcp.load(state, checkpoint_id=Path(path) / DCP_DIR)
+    dcp.load(state, storage_reader=SafeFileSystemReader(path / DCP_DIR), planner=SafeLoadPlanner())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

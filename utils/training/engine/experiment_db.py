@@ -469,6 +469,12 @@ class ExperimentDB:
 
         return self._write(work)
 
+    def metric_steps(self, run_id: int) -> set[int]:
+        """The steps at which this run has any metric (what a back-fill compares against)."""
+        return {
+            int(r[0]) for r in self._read_tuples("SELECT DISTINCT step FROM metrics WHERE run_id=?", (int(run_id),))
+        }
+
     def metrics_frame(self, run_id: int) -> pd.DataFrame:
         """One row per (step, epoch), one float column per metric name, by step.
 

@@ -32,6 +32,21 @@ def rewrite_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     fsync_dir(path.parent)
 
 
+def remove_stale_temp_logs(run_dir: Path) -> list[Path]:
+    """Delete `.<log>.tmp-PID` files that a process killed before its rename left behind.
+    Call it only while holding the run lock (no live writer can own one)."""
+    removed = []
+    try:
+        candidates = [p for p in Path(run_dir).iterdir() if p.name.startswith(".") and ".tmp-" in p.name]
+    except OSError:
+        return removed
+    for path in candidates:
+        if path.name.split(".tmp-")[0].endswith((".jsonl", ".json")) and path.is_file() and not path.is_symlink():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins). A torn or
     garbled line, as a crash in the middle of an append leaves, is ignored. A file larger than

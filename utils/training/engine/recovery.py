@@ -1,8 +1,10 @@
 """Recovery: find the newest run on disk and rebuild the results dict from metadata alone.
 
-It reads JSON and `stat`, never weights: the newest checkpoint that passes the cheap check
-(manifest present and valid, every file present with its size) is taken, and everything
-passed over is listed in `skipped` with the reason.
+It reads JSON and `stat`, never weights, and imports no torch: the newest checkpoint (by the
+`saved_at` recorded inside it, ties by path) that passes the cheap check (manifest present
+and valid, every file present with its size, folder name and manifest step agreeing) is
+taken, and everything passed over is listed in `skipped` with the reason: damaged folders,
+a recorded best checkpoint that is gone, and what rollbacks set aside in `abandoned/`.
 """
 
 from __future__ import annotations
@@ -12,11 +14,17 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
+from .checkpoint_index import (
+    CheckpointListingError,
+    NoCheckpointFound,
+    list_checkpoints,
+    list_leftovers,
+    ranked_checkpoints,
+)
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
-from .drift import drift_history
 from .metrics_log import METRICS_FILE, read_metrics_log
-from .trainer_state import read_trainer_state
+from .rollback import abandoned_batches
+from .trainer_state import TRAINER_FILE, read_trainer_state
 
 RUN_FILE = "run.json"
 DEFAULT_SEARCH_DIRS = (
@@ -26,8 +34,21 @@ DEFAULT_SEARCH_DIRS = (
 )
 
 
+def drift_history(metrics_history: list[dict]) -> list[dict]:
+    """The drift metrics of each epoch, derived from the metrics rows (which carry them)."""
+    history = []
+    for row in metrics_history:
+        drift = {k: v for k, v in row.items() if k.startswith("drift/")}
+        if drift:
+            history.append({"epoch": row.get("epoch"), "step": row.get("step"), **drift})
+    return history
+
+
 def _is_run_dir(path: Path) -> bool:
-    return (path / RUN_FILE).is_file() or bool(list_checkpoints(path))
+    try:
+        return (path / RUN_FILE).is_file() or bool(list_checkpoints(path))
+    except CheckpointListingError:
+        return True  # a run folder we cannot list is reported as such, not taken for "no run"
 
 
 def _runs_in(checkpoints_dir: Path) -> list[Path]:
@@ -50,23 +71,30 @@ def resolve_runs(path: Path) -> tuple[list[Path], Path | None]:
     return _runs_in(path), None
 
 
-def _run_recency(run_dir: Path) -> float:
-    newest = list_checkpoints(run_dir)
+def _run_recency(run_dir: Path) -> tuple[float, str]:
+    """A run's newest checkpoint's saved_at (the folder's mtime when it has none)."""
     try:
-        return (newest[0][1] if newest else run_dir).stat().st_mtime
-    except OSError:
-        return 0.0
+        entries, _ = ranked_checkpoints(run_dir)
+        if entries:
+            return entries[0].saved_at, str(run_dir)
+        return run_dir.stat().st_mtime, str(run_dir)
+    except (OSError, CheckpointListingError):
+        return 0.0, str(run_dir)
 
 
-def _best_checkpoint(run_dir: Path, trainer_state: dict[str, Any], fallback: Path) -> Path:
+def _best_checkpoint(
+    run_dir: Path, trainer_state: dict[str, Any], fallback: Path, skipped: list[dict[str, str]]
+) -> Path:
+    """The recorded best checkpoint, or (said in `skipped`, with the reason) the newest valid one."""
     best = trainer_state.get("best") or {}
     name = best.get("checkpoint")
     if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
         try:
             cheap_check(run_dir / name)
             return run_dir / name
-        except CheckpointCorrupt:
-            pass  # the recorded best is gone or damaged: fall through to the newest valid one
+        except CheckpointCorrupt as exc:
+            skipped.append({"path": str(run_dir / name),
+                            "reason": f"recorded best checkpoint: {exc.reason}; the newest valid one stands in"})  # fmt: skip
     return fallback
 
 
@@ -86,13 +114,15 @@ def build_results(
     skipped = list(skipped or [])
     state: dict[str, Any] | None = None
     if checkpoint is None:
-        for _, path in list_checkpoints(run_dir):
+        entries, passed_over = ranked_checkpoints(run_dir)
+        skipped += passed_over
+        for entry in entries:
             try:
-                state = read_trainer_state(path, cheap_check(path))
-                checkpoint = path
+                state = read_trainer_state(entry.path, entry.manifest)
+                checkpoint = entry.path
                 break
             except CheckpointCorrupt as exc:
-                skipped.append({"path": str(path), "reason": exc.reason})
+                skipped.append({"path": str(entry.path), "reason": exc.reason})
     if checkpoint is None:
         raise NoCheckpointFound(
             run_dir, "no complete checkpoint in this run folder", "train first, or point at another run"
@@ -101,6 +131,10 @@ def build_results(
         {"path": str(p), "reason": "unfinished save or delete (temporary folder), ignored"}
         for p in list_leftovers(run_dir)
     ]
+    try:
+        skipped += abandoned_batches(run_dir)
+    except CheckpointListingError as exc:
+        skipped.append({"path": exc.path, "reason": exc.reason})
     if state is None:  # the trainer state is small: its bytes are checked against the manifest's hash
         state = read_trainer_state(checkpoint, cheap_check(checkpoint))
     run_info: Any = {}
@@ -139,7 +173,7 @@ def build_results(
         "checkpoint_dir": str(run_dir.parent),
         "run_dir": str(run_dir),
         "checkpoint_path": str(checkpoint),
-        "best_checkpoint_path": str(_best_checkpoint(run_dir, state, checkpoint)),
+        "best_checkpoint_path": str(_best_checkpoint(run_dir, state, checkpoint, skipped)),
         "config": config,
         "metrics_history": metrics_history,
         "best_epoch": best_epoch(metrics_history, monitor, monitor_mode),
@@ -178,7 +212,13 @@ def recover(
             # The named step folder first (if any), then the run's checkpoints newest first;
             # each one passed over is listed, also when the run yields nothing.
             tried = [named_checkpoint] if named_checkpoint is not None else []
-            tried += [path for _, path in list_checkpoints(run_dir) if path != named_checkpoint]
+            try:
+                entries, passed_over = ranked_checkpoints(run_dir)
+            except CheckpointListingError as exc:
+                skipped.append({"path": exc.path, "reason": exc.reason})
+                continue
+            skipped += [s for s in passed_over if Path(s["path"]) != named_checkpoint]
+            tried += [e.path for e in entries if e.path != named_checkpoint]
             for checkpoint in tried:
                 try:
                     cheap_check(checkpoint)

@@ -32,14 +32,16 @@ from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
 from .dist_checkpoint import DistributedCheckpointManager
 from .drift import epoch_drift, snapshot_parameters, update_ratios
-from .experiment_db import ExperimentDB
-from .metrics_log import METRICS_FILE, append_jsonl, rewrite_jsonl
+from .exactness import check_continuation, record_changes
+from .metrics_log import METRICS_FILE, append_jsonl, remove_stale_temp_logs, rewrite_jsonl
 from .model import ByteTransformer
 from .recovery import RUN_FILE, build_results
 from .reproducibility import rng_state, seed_everything
 from .resume import ResumeError, check_compatible, find_resume_checkpoint, restore_training_state
+from .rollback import apply_resume_plan, plan_resume
 from .runlock import RunLock
 from .stop import StopRequested
+from .tracking import TrainingTracker
 from .trainer_state import TRAINER_STATE_VERSION
 
 log = logging.getLogger(__name__)
@@ -69,19 +71,12 @@ class Trainer:
         self.model: torch.nn.Module | None = None
         self.save_errors: list[str] = []
         self.messages: list[str] = []
+        self.set_aside: list[dict[str, str]] = []  # what a rollback or fallback moved to abandoned/
 
     # -- set-up ---------------------------------------------------------------------------
     def _say(self, message: str) -> None:
         log.info(message)
         self.messages.append(message)
-
-    def _open_db_run(self, db: ExperimentDB, run_info: dict[str, Any] | None) -> int:
-        cfg = self.config
-        if run_info is not None:
-            existing = db.get_run(run_info.get("run_id")) if isinstance(run_info.get("run_id"), int) else None
-            if existing is not None and existing["name"] == cfg.run_name:
-                return existing["id"]
-        return db.create_run(cfg.run_name, cfg.to_dict(), str(cfg.workspace_root))
 
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -103,17 +98,31 @@ class Trainer:
     def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
         cfg, rt, device = self.config, self.runtime, self.device
         seed_everything(cfg.seed)
+        plan = plan_resume(run_dir, self.resume) if rt.is_main else None  # rollback.py: decide, move nothing yet
         corpus = Corpus.load(
-            cfg.corpus, max_bytes=cfg.corpus_max_bytes, val_fraction=cfg.val_fraction, context_length=cfg.context_length
-        )
+            cfg.corpus, max_bytes=cfg.corpus_max_bytes, val_fraction=cfg.val_fraction, context_length=cfg.context_length,
+            run_dir=run_dir, write_snapshot=rt.is_main,
+        )  # fmt: skip
         self.corpus_fingerprint = corpus.fingerprint
         model = ByteTransformer.from_config(cfg).to(device)
         self.model = model
-        loaded = find_resume_checkpoint(cfg.run_dir, self.resume, say=self._say)
+        resume = str(plan.checkpoint) if plan is not None and plan.checkpoint is not None else self.resume
+        loaded = find_resume_checkpoint(cfg.run_dir, rt.broadcast_object(resume), say=self._say)
         rt.check_same_choice(loaded.step if loaded is not None else -1)
+        continuation = None
         if loaded is not None:
             check_compatible(loaded, cfg)
+            continuation = check_continuation(
+                loaded.trainer_state.get("config") or {}, cfg.to_dict(), step=loaded.step, checkpoint=str(loaded.path),
+                saved_fingerprint=loaded.trainer_state.get("corpus_fingerprint"), new_fingerprint=corpus.fingerprint,
+                accept=cfg.accept_config_change,
+            )  # fmt: skip
             model.load_state_dict(loaded.model_state)
+        if plan is not None:  # every check passed: set aside what the rollback/fallback leaves behind
+            apply_resume_plan(run_dir, plan)
+            self.set_aside = plan.set_aside
+            for item in plan.set_aside:
+                self._say(f"set aside {item['path']}: {item['reason']}")
         train_model = rt.wrap_model(model, cfg.distributed_strategy)
 
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
@@ -164,30 +173,35 @@ class Trainer:
                 loaded, rt, cfg, train_model=train_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 stream=stream, acc=acc, state=state,
             )  # fmt: skip
-            if loaded.trainer_state.get("corpus_fingerprint") not in (None, corpus.fingerprint):
-                self._say("the corpus differs from the one this run was trained on; continuing with the new one")
+            for notice in continuation.notices if continuation is not None else []:
+                self._say(notice)
             self._say(f"resumed from {loaded.path} (step {state['step']}, epoch {state['epoch']})")
 
-        db: ExperimentDB | None = None
+        db: TrainingTracker | None = None
         manager: CheckpointManager | None = None
         status = "failed"
         try:
             if rt.is_main:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 self._clean_leftovers(run_dir)
-                db = ExperimentDB(cfg.db_path)
-                run_id = self._open_db_run(db, run_info)
+                db = TrainingTracker(cfg.db_path, warn=self._say)  # best effort: never stops training
+                known_ids = [(run_info or {}).get("run_id"), loaded.trainer_state.get("run_id") if loaded else None]
+                run_id = db.open_run(cfg.run_name, cfg.to_dict(), str(cfg.workspace_root), known_ids=known_ids)
+                if run_id is None:  # the database is offline: keep the id the run already has
+                    run_id = next((i for i in known_ids if isinstance(i, int)), None)
                 if run_info is None or run_info.get("run_id") != run_id:
                     self._write_run_info(run_dir, run_id)
+                if continuation is not None:
+                    record_changes(run_dir, continuation.changes)
                 if loaded is not None and state["step"] >= cfg.total_steps:
                     self._say(
                         f"run {cfg.run_name} is already complete at step {state['step']}; "
                         "raise epochs to train further, or use a new run name"
                     )
                 elif loaded is not None:
-                    db.mark_resumed(run_id)
-                    db.delete_metrics_after(run_id, state["step"])
+                    db.mark_resumed(state["step"])
                     rewrite_jsonl(run_dir / METRICS_FILE, state["metrics_history"])
+                    db.backfill(state["metrics_history"])
                 elif (run_dir / METRICS_FILE).exists():
                     rewrite_jsonl(run_dir / METRICS_FILE, [])
             else:
@@ -205,23 +219,23 @@ class Trainer:
                 acc, state, manager, db, run_id, stop,
             )  # fmt: skip
             if manager is not None:
-                manager.close()
+                try:
+                    manager.close()
+                except CheckpointWriteError as exc:  # the last save failed: on_save_error decides
+                    self._handle_save_error(exc)
         except BaseException:
             if manager is not None and not rt.distributed:  # a collective wait could hang on a dead peer
                 manager.close(raise_errors=False)
-            if db is not None and state.get("run_id") is not None:
-                try:
-                    db.set_status(state["run_id"], "failed", finished=True)
-                except Exception:  # noqa: BLE001 - a full disk must not hide the error that stopped training
-                    log.exception("could not record the failed status in %s", cfg.db_path)
+            if db is not None:
+                db.set_status("failed", finished=True)  # best effort: never hides the error that stopped training
             raise
         finally:
             if db is not None and status != "failed":
-                db.set_status(run_id, status, finished=status == "completed")
+                db.set_status(status, finished=status == "completed")
                 if manager is not None and manager.last_saved_path is not None:
-                    db.log_artifact(run_id, "checkpoint", str(manager.last_saved_path), step=state["step"])
+                    db.log_artifact("checkpoint", str(manager.last_saved_path), step=state["step"])
             if db is not None:
-                db.close()
+                db.close(state["metrics_history"])
         rt.barrier()
         results = build_results(run_dir, recovered=False)
         results.update(status=status, messages=self.messages, save_errors=self.save_errors)
@@ -240,6 +254,7 @@ class Trainer:
         for leftover in list_leftovers(run_dir):
             self._say(f"removing {leftover.name}: an unfinished save from an earlier process")
             remove_tree(leftover)
+        remove_stale_temp_logs(run_dir)  # a kill before a log's rename leaves .metrics.jsonl.tmp-PID
 
     def _write_run_info(self, run_dir: Path, run_id: int) -> None:
         info = {
@@ -421,11 +436,13 @@ class Trainer:
                     "step": state["step"], "epoch": epoch, "checkpoint": step_dir_name(state["step"]),
                 }  # fmt: skip
         if rt.is_main:
-            append_jsonl(self.config.run_dir / METRICS_FILE, row)
+            try:
+                append_jsonl(self.config.run_dir / METRICS_FILE, row)
+            except OSError as exc:  # a full disk: the checkpoint carries the row; resume rewrites the log
+                self._handle_save_error(CheckpointWriteError(self.config.run_dir / METRICS_FILE,
+                                                             f"metrics append failed: {exc.strerror or exc}"))  # fmt: skip
             if db is not None:
-                db.log_metrics(
-                    run_id, state["step"], epoch, {k: v for k, v in row.items() if k not in ("epoch", "step")}
-                )
+                db.log_epoch(row)
 
     def _save(self, manager, model, optimizer, scheduler, scaler, stream, acc, state, reason) -> None:
         cfg, rt = self.config, self.runtime

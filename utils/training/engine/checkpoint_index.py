@@ -1,0 +1,236 @@
+"""Which checkpoints a run has: listing, ranking by `saved_at`, the newest and best that verify, retention.
+
+Torch-free (recovery imports it). "Newest" is ranked by the `saved_at` recorded inside each
+checkpoint (not file mtimes, not the step in the name), ties broken by path; a folder whose
+name and manifest disagree on the step is skipped with that reason (commit.cheap_check).
+Retention, the newest and the best are chosen among checkpoints that verify: a damaged
+folder never fills a keep slot, so a new checkpoint is never deleted to keep it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .commit import (
+    TEMP_PREFIX,
+    TRASH_PREFIX,
+    CheckpointCorrupt,
+    CheckpointError,
+    cheap_check,
+    remove_tree,
+    verify_cached,
+)
+from .trainer_state import read_trainer_state
+
+log = logging.getLogger(__name__)
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+class NoCheckpointFound(CheckpointError):
+    """No folder that passes the check exists where we looked."""
+
+
+class CheckpointListingError(CheckpointError):
+    """The run folder exists but cannot be listed (a FUSE mount's hiccup, permissions).
+    This is not "no checkpoints": nothing may start over on it."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Committed-looking step folders of a run, highest step first (temp and trash folders
+    excluded). A missing run folder has none; one that cannot be listed raises
+    CheckpointListingError."""
+    run_dir = Path(run_dir)
+    try:
+        entries = list(run_dir.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    except OSError as exc:
+        raise CheckpointListingError(
+            run_dir,
+            f"cannot list the run folder: {exc.strerror or exc}",
+            "check the mount or permissions and try again; nothing was changed",
+        ) from exc
+    found = []
+    for entry in entries:
+        match = STEP_DIR.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry))
+    return sorted(found, reverse=True)
+
+
+def list_leftovers(run_dir: Path) -> list[Path]:
+    """Temp folders of saves that never finished, and trash of interrupted deletes."""
+    try:
+        return sorted(p for p in Path(run_dir).iterdir() if p.name.startswith((TEMP_PREFIX, TRASH_PREFIX)))
+    except OSError:
+        return []
+
+
+@dataclass(frozen=True)
+class CheckpointEntry:
+    """One checkpoint that passed the cheap check, with what ranks it."""
+
+    path: Path
+    step: int
+    saved_at: float
+    manifest: dict[str, Any] = field(repr=False, compare=False)
+
+    def metric(self, name: str) -> float | None:
+        value = (self.manifest.get("metrics") or {}).get(name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+
+def checkpoint_saved_at(path: Path, manifest: dict[str, Any]) -> float:
+    try:
+        value = read_trainer_state(path, manifest).get("saved_at")
+    except CheckpointCorrupt:
+        value = None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        value = manifest.get("created_at")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def ranked_checkpoints(run_dir: Path) -> tuple[list[CheckpointEntry], list[dict[str, str]]]:
+    """Checkpoints that pass the cheap check, newest first by saved_at (ties: by path), and
+    the folders passed over with their reasons."""
+    entries: list[CheckpointEntry] = []
+    skipped: list[dict[str, str]] = []
+    for step, path in list_checkpoints(run_dir):
+        try:
+            manifest = cheap_check(path)
+        except CheckpointCorrupt as exc:
+            skipped.append({"path": str(path), "reason": exc.reason})
+            continue
+        entries.append(CheckpointEntry(path, step, checkpoint_saved_at(path, manifest), manifest))
+    entries.sort(key=lambda e: (e.saved_at, str(e.path)), reverse=True)
+    return entries, skipped
+
+
+def latest_valid_checkpoint(run_dir: Path, *, full: bool = True) -> tuple[Path | None, list[dict[str, str]]]:
+    """Newest checkpoint that verifies (full hashes, or only the cheap check), and what was
+    passed over, each with its reason."""
+    entries, skipped = ranked_checkpoints(run_dir)
+    for entry in entries:
+        try:
+            if full:
+                verify_cached(entry.path)
+            return entry.path, skipped
+        except CheckpointCorrupt as exc:
+            skipped.append({"path": str(entry.path), "reason": exc.reason})
+    return None, skipped
+
+
+def latest_verified_checkpoint(run_dir: Path) -> tuple[Path | None, list[dict[str, str]]]:
+    """Newest checkpoint whose every hash matches; what the Inference cell falls back to."""
+    return latest_valid_checkpoint(run_dir, full=True)
+
+
+def best_verified_checkpoint(
+    run_dir: Path,
+    *,
+    recorded: str | Path | None = None,
+    monitor_metric: str = "val/loss",
+    monitor_mode: str = "min",
+) -> tuple[Path | None, list[dict[str, str]]]:
+    """The best checkpoint that verifies: the recorded best first, then the others by the
+    monitored metric, then the newest (a run without the metric). What the Best model cell
+    falls back to instead of sending the user round the Recovery loop; every folder passed
+    over is in the returned list with its reason."""
+    entries, skipped = ranked_checkpoints(run_dir)
+    sign = 1.0 if monitor_mode == "min" else -1.0
+    by_metric = sorted((e for e in entries if e.metric(monitor_metric) is not None),
+                       key=lambda e: sign * (e.metric(monitor_metric) or 0.0))  # fmt: skip
+    order: list[Path] = []
+    if recorded is not None:
+        order.append(Path(recorded))
+    order += [e.path for e in by_metric] + [e.path for e in entries]
+    seen: set[str] = {s["path"] for s in skipped}
+    for path in order:
+        if str(path) in seen:
+            continue
+        seen.add(str(path))
+        try:
+            verify_cached(path)
+            return path, skipped
+        except CheckpointCorrupt as exc:
+            skipped.append({"path": str(path), "reason": exc.reason})
+    return None, skipped
+
+
+@dataclass
+class RetentionResult:
+    """What one retention pass did: deleted, kept, left alone because damaged, and failures."""
+
+    deleted: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    damaged: list[dict[str, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def _verified_first(entries: list[CheckpointEntry], count: int, damaged: list[dict[str, str]]) -> list[Path]:
+    kept: list[Path] = []
+    for entry in entries:
+        if len(kept) >= count:
+            break
+        try:
+            verify_cached(entry.path)
+            kept.append(entry.path)
+        except CheckpointCorrupt as exc:
+            damaged.append({"path": str(entry.path), "reason": exc.reason})
+    return kept
+
+
+def prune_checkpoints(
+    run_dir: Path, *, keep_last: int, keep_best: int, monitor_metric: str, monitor_mode: str
+) -> RetentionResult:
+    """Keep the newest `keep_last` and the best `keep_best` checkpoints *that verify* (full
+    hashes; a folder unchanged since this process wrote or hashed it is not re-read);
+    delete the other intact ones. `keep_last=0` keeps everything. Damaged folders are left
+    for a person, never counted as kept. Failures to delete are returned, not hidden."""
+    result = RetentionResult()
+    if keep_last == 0:
+        return result
+    entries, skipped = ranked_checkpoints(run_dir)
+    result.damaged += skipped
+    keep = _verified_first(entries, max(keep_last, 1), result.damaged)
+    sign = 1.0 if monitor_mode == "min" else -1.0
+    by_metric = sorted((e for e in entries if e.metric(monitor_metric) is not None),
+                       key=lambda e: (sign * (e.metric(monitor_metric) or 0.0), -e.saved_at))  # fmt: skip
+    bad = {d["path"] for d in result.damaged}
+    keep += _verified_first([e for e in by_metric if str(e.path) not in bad], max(keep_best, 1), result.damaged)
+    bad = {d["path"] for d in result.damaged}
+    result.kept = sorted(set(keep))
+    for entry in entries:
+        if entry.path in keep or str(entry.path) in bad:
+            continue
+        failures = remove_tree(entry.path)
+        result.failures += failures
+        result.deleted.append(entry.path)
+    return result
+
+
+def apply_retention(
+    run_dir: Path, *, keep_last: int, keep_best: int, monitor_metric: str, monitor_mode: str
+) -> list[Path]:
+    """prune_checkpoints, with each failure to delete and each damaged folder logged as a
+    warning naming the path. Returns the deleted folders."""
+    result = prune_checkpoints(
+        run_dir, keep_last=keep_last, keep_best=keep_best, monitor_metric=monitor_metric, monitor_mode=monitor_mode
+    )
+    for failure in result.failures:
+        log.warning("retention could not delete %s", failure)
+    for item in result.damaged:
+        log.warning("retention left %s in place: %s (it does not count as a kept checkpoint)", item["path"],
+                    item["reason"])  # fmt: skip
+    return result.deleted
