@@ -106,8 +106,9 @@ class Trainer:
         self.corpus_fingerprint = corpus.fingerprint
         model = ByteTransformer.from_config(cfg).to(device)
         self.model = model
-        resume = str(plan.checkpoint) if plan is not None and plan.checkpoint is not None else self.resume
-        loaded = find_resume_checkpoint(cfg.run_dir, rt.broadcast_object(resume), say=self._say)
+        choice = self.resume if plan is None else str(plan.checkpoint or "")  # "": start fresh
+        choice = rt.broadcast_object(choice)
+        loaded = find_resume_checkpoint(cfg.run_dir, choice, say=self._say) if choice else None
         rt.check_same_choice(loaded.step if loaded is not None else -1)
         continuation = None
         if loaded is not None:
