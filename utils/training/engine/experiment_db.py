@@ -93,7 +93,7 @@ def _is_lock_error(error: sqlite3.Error) -> bool:
     return "locked" in message or "busy" in message
 
 
-def _retry_while_locked(action: Callable[[], _T]) -> _T:
+def _retry_while_locked(action: Callable[[], _T], limit_s: float = LOCK_RETRY_SECONDS) -> _T:
     """Run `action`, retrying with a small random backoff while the file is locked.
 
     SQLite's own busy handler already waits up to 30 s inside most calls; this covers
@@ -107,11 +107,11 @@ def _retry_while_locked(action: Callable[[], _T]) -> _T:
             return action()
         except sqlite3.OperationalError as error:
             waited = time.monotonic() - started
-            if not _is_lock_error(error) or waited >= LOCK_RETRY_SECONDS:
+            if not _is_lock_error(error) or waited >= limit_s:
                 raise
             attempt += 1
             delay = min(0.002 * 2**attempt, 0.25) * random.uniform(0.5, 1.5)
-            time.sleep(min(delay, LOCK_RETRY_SECONDS - waited))
+            time.sleep(min(delay, limit_s - waited))
 
 
 def _metric_value(value: object) -> float | None:
@@ -130,8 +130,11 @@ class ExperimentDB:
     process; several processes may open the same file at once.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout_s: float = LOCK_RETRY_SECONDS) -> None:
+        """`busy_timeout_s`: how long a call waits for another process's write lock before it
+        fails (training uses a short one: its tracking is best effort)."""
         self.path = Path(path).expanduser()
+        self.busy_timeout_s = float(busy_timeout_s)
         self.journal_mode = ""
         self._lock = threading.Lock()
         self._skipped_metric_names: set[str] = set()
@@ -144,7 +147,7 @@ class ExperimentDB:
             ) from error
         try:
             self._conn: sqlite3.Connection | None = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
+                self.path, timeout=self.busy_timeout_s, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as error:
             raise ExperimentDBError(
@@ -170,9 +173,11 @@ class ExperimentDB:
     def _open(self) -> None:
         conn = self._connection()
         conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
         try:
-            found_version = _retry_while_locked(lambda: conn.execute("PRAGMA user_version").fetchone()[0])
+            found_version = _retry_while_locked(
+                lambda: conn.execute("PRAGMA user_version").fetchone()[0], self.busy_timeout_s
+            )
         except sqlite3.DatabaseError as error:
             if isinstance(error, sqlite3.OperationalError):
                 raise  # locked for too long, unreadable, ...: reported by __init__
@@ -271,13 +276,13 @@ class ExperimentDB:
         with self._lock:
             conn = self._connection()
             try:
-                return _retry_while_locked(attempt)
+                return _retry_while_locked(attempt, self.busy_timeout_s)
             except sqlite3.OperationalError as error:
                 if not _is_lock_error(error):
                     raise
                 raise ExperimentDBError(
                     f"{self.path}: the database stayed locked for over "
-                    f"{LOCK_RETRY_SECONDS:.0f}s ({error}). Another process is holding "
+                    f"{self.busy_timeout_s:.0f}s ({error}). Another process is holding "
                     "a write transaction open; stop it or give this run its own "
                     "workspace, then retry."
                 ) from error
@@ -286,14 +291,14 @@ class ExperimentDB:
         """All rows of one query, as sqlite3.Row (dict-like)."""
         with self._lock:
             conn = self._connection()
-            return _retry_while_locked(lambda: conn.execute(sql, params).fetchall())
+            return _retry_while_locked(lambda: conn.execute(sql, params).fetchall(), self.busy_timeout_s)
 
     def _read_tuples(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple]:
         """All rows of one query as plain tuples: much faster for many rows."""
         with self._lock:
             cursor = self._connection().cursor()
             cursor.row_factory = None
-            return _retry_while_locked(lambda: cursor.execute(sql, params).fetchall())
+            return _retry_while_locked(lambda: cursor.execute(sql, params).fetchall(), self.busy_timeout_s)
 
     def _touch_run(self, conn: sqlite3.Connection, run_id: int, now: float) -> None:
         cursor = conn.execute("UPDATE runs SET updated_at=? WHERE id=?", (now, int(run_id)))

@@ -18,6 +18,9 @@ from .experiment_db import ExperimentDB, ExperimentDBError
 
 Warn = Callable[[str], None]
 DB_ERRORS = (ExperimentDBError, sqlite3.Error, OSError)
+# How long a tracking call waits for another process's write lock: training never waits
+# longer than this for its (best-effort) database; the rows are back-filled later.
+BUSY_TIMEOUT_S = 5.0
 # The "time"/"step"/"epoch" keys are stored in their own columns or not at all.
 _NOT_METRICS = ("epoch", "step")
 
@@ -25,8 +28,9 @@ _NOT_METRICS = ("epoch", "step")
 class TrainingTracker:
     """Runs, metrics and status for one training process; every call is best effort."""
 
-    def __init__(self, path: str | Path, *, warn: Warn) -> None:
+    def __init__(self, path: str | Path, *, warn: Warn, busy_timeout_s: float | None = None) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = BUSY_TIMEOUT_S if busy_timeout_s is None else busy_timeout_s
         self._warn = warn
         self.warned = False
         self.run_id: int | None = None
@@ -39,7 +43,7 @@ class TrainingTracker:
         return self.db is not None
 
     def _open(self) -> None:
-        self.db = ExperimentDB(self.path)
+        self.db = ExperimentDB(self.path, busy_timeout_s=self.busy_timeout_s)
 
     def _attempt(self, what: str, action: Callable[[], Any]) -> Any:
         try:
@@ -148,7 +152,7 @@ class TrainingTracker:
         final status (a failure is already reported, so it stays silent)."""
         if self.db is None and self.run_id is not None and self._pending_status is not None:
             try:
-                self.db = ExperimentDB(self.path)
+                self.db = ExperimentDB(self.path, busy_timeout_s=self.busy_timeout_s)
                 if metrics_rows:
                     self.backfill(metrics_rows)
                 status, finished = self._pending_status
