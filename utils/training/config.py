@@ -212,7 +212,7 @@ class TrainingConfig:
         need(
             is_int(self.save_every_steps) and 0 <= self.save_every_steps <= MAX_STEPS,
             "save_every_steps",
-            "an integer >= 0 (0 = off)",
+            f"an integer in [0, {MAX_STEPS}] (0 = off)",
         )
         need(
             is_num(self.save_every_seconds) and self.save_every_seconds >= 0,
