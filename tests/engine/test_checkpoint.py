@@ -287,14 +287,20 @@ def test_an_async_writer_error_is_raised_by_check_and_leaves_earlier_checkpoints
     manager.close()
 
 
-def test_the_next_save_raises_the_error_of_the_previous_one(tmp_path: Path):
+def test_the_error_of_a_background_save_is_raised_by_the_next_check(tmp_path: Path):
+    """Issue 10 item 4: the next save() hands its state to a writer first (a failed save never
+    drops the next one); the earlier failure surfaces at check(), once, in order."""
     blocked = tmp_path / "run"
     blocked.write_text("x")
     model, optimizer = _model_and_optimizer()
     manager = _manager(blocked, async_save=True)
     manager.save(1, **_state(model, optimizer, 1))
-    with pytest.raises(CheckpointWriteError):
-        manager.save(2, **_state(model, optimizer, 2))
+    manager.save(2, **_state(model, optimizer, 2))
+    with pytest.raises(CheckpointWriteError, match="step-000001"):
+        manager.check()
+    manager.wait_for_snapshot()
+    with pytest.raises(CheckpointWriteError, match="step-000002"):
+        manager.wait_until_finished()
     manager.close(raise_errors=False)
 
 

@@ -100,7 +100,9 @@ def test_commit_replaces_a_damaged_folder_of_the_same_name(tmp_path: Path):
     final = _commit(tmp_path)
     assert not (final / "leftover.bin").exists()
     verify(final)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000001"]  # no trash left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["abandoned", "step-000001"]  # no trash left behind
+    # The damaged leftover is set aside, never deleted (issue 10 item 5).
+    assert [p.read_bytes() for p in (tmp_path / "abandoned").glob("*/step-000001/leftover.bin")] == [b"junk"]
 
 
 def test_remove_tree_deletes_the_manifest_before_anything_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -21,6 +21,7 @@ from .commit import (
     TRASH_PREFIX,
     CheckpointCorrupt,
     CheckpointError,
+    UnsupportedFormat,
     cheap_check,
     remove_tree,
     verify_cached,
@@ -101,14 +102,23 @@ def checkpoint_saved_at(path: Path, manifest: dict[str, Any]) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
-def ranked_checkpoints(run_dir: Path) -> tuple[list[CheckpointEntry], list[dict[str, str]]]:
+def ranked_checkpoints(
+    run_dir: Path, *, refuse_newer: bool = False
+) -> tuple[list[CheckpointEntry], list[dict[str, str]]]:
     """Checkpoints that pass the cheap check, newest first by saved_at (ties: by path), and
-    the folders passed over with their reasons."""
+    the folders passed over with their reasons. With refuse_newer, a checkpoint written by a
+    newer format version raises UnsupportedFormat instead of being passed over (a resume
+    must not fall back past it and overwrite a newer version's work)."""
     entries: list[CheckpointEntry] = []
     skipped: list[dict[str, str]] = []
     for step, path in list_checkpoints(run_dir):
         try:
             manifest = cheap_check(path)
+        except UnsupportedFormat:
+            if refuse_newer:
+                raise
+            skipped.append({"path": str(path), "reason": "written by a newer format version"})
+            continue
         except CheckpointCorrupt as exc:
             skipped.append({"path": str(path), "reason": exc.reason})
             continue

@@ -72,12 +72,11 @@ def resolve_runs(path: Path) -> tuple[list[Path], Path | None]:
 
 
 def _run_recency(run_dir: Path) -> tuple[float, str]:
-    """A run's newest checkpoint's saved_at (the folder's mtime when it has none)."""
+    """When a run last saved: the mtime of its newest checkpoint (the folder's when it has none),
+    as the notebook's run picker orders runs."""
     try:
-        entries, _ = ranked_checkpoints(run_dir)
-        if entries:
-            return entries[0].saved_at, str(run_dir)
-        return run_dir.stat().st_mtime, str(run_dir)
+        entries, _ = ranked_checkpoints(run_dir)  # its newest checkpoint by saved_at; runs compare by its mtime
+        return (entries[0].path if entries else run_dir).stat().st_mtime, str(run_dir)
     except (OSError, CheckpointListingError):
         return 0.0, str(run_dir)
 

@@ -273,7 +273,7 @@ def _explicit(run_dir: Path, resume: str) -> ResumePlan:
 
 
 def _auto(run_dir: Path) -> ResumePlan:
-    entries, skipped = ranked_checkpoints(run_dir)
+    entries, skipped = ranked_checkpoints(run_dir, refuse_newer=True)
     damaged = list(skipped)
     for entry in entries:
         try:
@@ -309,8 +309,9 @@ def _never(run_dir: Path) -> ResumePlan:
 def plan_resume(run_dir: Path, resume: str) -> ResumePlan:
     """Finish a pending rollback, then decide where `resume` (auto | never | a checkpoint
     path) continues and what must be set aside; moves nothing else. Raises ResumeRefused,
-    ForeignCheckpoint, CheckpointListingError, or CheckpointCorrupt (a named checkpoint that
-    does not verify)."""
+    ForeignCheckpoint, CheckpointListingError, UnsupportedFormat (auto: the newest checkpoint
+    was written by a newer version), or CheckpointCorrupt (a named checkpoint that does not
+    verify)."""
     run_dir = Path(run_dir)
     finished = finish_pending_rollback(run_dir) if run_dir.is_dir() else False
     if resume == "never":

@@ -27,7 +27,15 @@ from .checkpoint import (
     list_leftovers,
     step_dir_name,
 )
-from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, read_json, remove_tree, write_json_file
+from .commit import (
+    CheckpointCorrupt,
+    CheckpointWriteError,
+    UnsupportedFormat,
+    fsync_dir,
+    read_json,
+    remove_tree,
+    write_json_file,
+)
 from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
 from .dist_checkpoint import DistributedCheckpointManager
@@ -38,7 +46,7 @@ from .model import ByteTransformer
 from .recovery import RUN_FILE, build_results
 from .reproducibility import rng_state, seed_everything
 from .resume import ResumeError, check_compatible, find_resume_checkpoint, restore_training_state
-from .rollback import apply_resume_plan, plan_resume
+from .rollback import ResumePlan, ResumeRefused, apply_resume_plan, branch_from, plan_resume
 from .runlock import RunLock
 from .stop import StopRequested
 from .tracking import TrainingTracker
@@ -78,6 +86,15 @@ class Trainer:
         log.info(message)
         self.messages.append(message)
 
+    def _plan_resume(self, run_dir: Path) -> ResumePlan:
+        try:
+            plan = plan_resume(run_dir, self.resume)
+        except UnsupportedFormat as exc:  # falling back would train on and overwrite a newer version's work
+            raise ResumeError(f"{exc}: this run was continued by a newer version of the package") from exc
+        if plan.finished_journal:
+            self._say(f"finished setting aside what an interrupted rollback left in {run_dir}")
+        return plan
+
     # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         cfg = self.config
@@ -98,7 +115,7 @@ class Trainer:
     def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
         cfg, rt, device = self.config, self.runtime, self.device
         seed_everything(cfg.seed)
-        plan = plan_resume(run_dir, self.resume) if rt.is_main else None  # rollback.py: decide, move nothing yet
+        plan = self._plan_resume(run_dir) if rt.is_main else None  # rollback.py: decide, move nothing yet
         corpus = Corpus.load(
             cfg.corpus, max_bytes=cfg.corpus_max_bytes, val_fraction=cfg.val_fraction, context_length=cfg.context_length,
             run_dir=run_dir, write_snapshot=rt.is_main,
@@ -107,8 +124,16 @@ class Trainer:
         model = ByteTransformer.from_config(cfg).to(device)
         self.model = model
         choice = self.resume if plan is None else str(plan.checkpoint or "")  # "": start fresh
+        if plan is not None and plan.checkpoint is not None and self.resume == "auto":
+            choice = "auto"  # loading may still fail (a refused pickle): find_resume_checkpoint falls back
         choice = rt.broadcast_object(choice)
         loaded = find_resume_checkpoint(cfg.run_dir, choice, say=self._say) if choice else None
+        if plan is not None and plan.checkpoint is not None:
+            if loaded is None:  # every checkpoint verified by hash, none loads: never start over
+                raise ResumeRefused(run_dir, f"{run_dir} has checkpoints but none can be loaded", damaged=[],
+                                    choices=["new_run_name", "verify", "resume_never"])  # fmt: skip
+            if loaded.path != plan.checkpoint:
+                plan = branch_from(run_dir, loaded.path, "set aside by a resume that fell back past it")
         rt.check_same_choice(loaded.step if loaded is not None else -1)
         continuation = None
         if loaded is not None:
