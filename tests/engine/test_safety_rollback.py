@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -177,6 +178,10 @@ def test_rollback_with_retention_keeps_the_new_branch(workspace_copy: Path, trai
     new_state = json.loads((new_10 / "trainer_state.json").read_text())
     old_state = json.loads((old_10 / "trainer_state.json").read_text())
     assert new_state["saved_at"] > old_state["saved_at"]
+    # The database rows past the branch point are kept as abandoned, not deleted.
+    with sqlite3.connect(workspace_copy / "experiments.db") as conn:
+        abandoned = conn.execute("SELECT DISTINCT step, branch FROM abandoned_metrics").fetchall()
+    assert abandoned == [(10, old_10.parent.name)]
     # Rolled back to 5 and replayed to 10 with the same data: the same weights, bit for bit.
     a, b = read_model_file(new_10 / MODEL_FILE), read_model_file(old_10 / MODEL_FILE)
     assert all(torch.equal(a[k], b[k]) for k in b)

@@ -120,8 +120,8 @@ def cuda_rng_notice(saved_states: int, devices_now: int) -> str | None:
         return None
     return (
         f"the checkpoint holds the CUDA random state of {saved_states} device(s), this machine has "
-        f"{devices_now}: the CUDA random state is {'partly ' if devices_now else 'not '}restored, so random "
-        "draws on the GPU (dropout) will differ from an uninterrupted run"
+        f"{devices_now}: the CUDA random state is not restored, so random draws on the GPU (dropout) will "
+        "differ from an uninterrupted run"
     )
 
 

@@ -71,6 +71,16 @@ CREATE TABLE IF NOT EXISTS artifacts (
     meta_json TEXT NULL
 );
 CREATE INDEX IF NOT EXISTS artifacts_by_run ON artifacts (run_id, id);
+CREATE TABLE IF NOT EXISTS abandoned_metrics (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    step INTEGER NOT NULL,
+    epoch INTEGER NULL,
+    name TEXT NOT NULL,
+    value REAL,
+    time REAL NOT NULL,
+    branch TEXT NOT NULL,
+    abandoned_at REAL NOT NULL
+);
 """
 
 _T = TypeVar("_T")
@@ -470,6 +480,24 @@ class ExperimentDB:
                 "DELETE FROM metrics WHERE run_id=? AND step>?",
                 (int(run_id), int(step)),
             )
+            return int(cursor.rowcount)
+
+        return self._write(work)
+
+    def abandon_metrics_after(self, run_id: int, step: int, branch: str) -> int:
+        """Move the run's metric rows with step > `step` into `abandoned_metrics` (a rollback
+        to `step`; `branch` names its abandoned/<time>/ folder): kept, never deleted, and no
+        longer part of the run's history. Returns how many moved."""
+
+        def work(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            self._touch_run(conn, run_id, now)
+            conn.execute(
+                "INSERT INTO abandoned_metrics (run_id, step, epoch, name, value, time, branch, abandoned_at)"
+                " SELECT run_id, step, epoch, name, value, time, ?, ? FROM metrics WHERE run_id=? AND step>?",
+                (str(branch), now, int(run_id), int(step)),
+            )
+            cursor = conn.execute("DELETE FROM metrics WHERE run_id=? AND step>?", (int(run_id), int(step)))
             return int(cursor.rowcount)
 
         return self._write(work)

@@ -126,13 +126,19 @@ class TrainingTracker:
             self._attempt("writing metrics", lambda: self.db.log_metrics(  # type: ignore[union-attr]
                 self.run_id, row["step"], row.get("epoch"), _metrics_of(row)))  # fmt: skip
 
-    def mark_resumed(self, branch_step: int) -> None:
+    def mark_resumed(self, branch_step: int, *, abandoned_branch: str | None = None) -> None:
+        """Count the resume. Rows past `branch_step` are a crash's replay (deleted: the resume
+        writes them again), or, after a rollback (`abandoned_branch` = its abandoned/ folder
+        name), moved to the database's abandoned rows, never deleted."""
         if self.db is not None and self.run_id is not None:
 
             def work() -> None:
                 assert self.db is not None and self.run_id is not None
                 self.db.mark_resumed(self.run_id)
-                self.db.delete_metrics_after(self.run_id, branch_step)
+                if abandoned_branch is not None:
+                    self.db.abandon_metrics_after(self.run_id, branch_step, abandoned_branch)
+                else:
+                    self.db.delete_metrics_after(self.run_id, branch_step)
 
             self._attempt("marking the resume", work)
 

@@ -40,7 +40,7 @@ from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
 from .dist_checkpoint import DistributedCheckpointManager
 from .drift import epoch_drift, snapshot_parameters, update_ratios
-from .exactness import check_continuation, record_changes
+from .exactness import check_continuation, cuda_rng_notice, record_changes
 from .metrics_log import METRICS_FILE, append_jsonl, remove_stale_temp_logs, rewrite_jsonl
 from .model import ByteTransformer
 from .recovery import RUN_FILE, build_results
@@ -199,7 +199,9 @@ class Trainer:
                 loaded, rt, cfg, train_model=train_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 stream=stream, acc=acc, state=state,
             )  # fmt: skip
-            for notice in continuation.notices if continuation is not None else []:
+            saved_cuda = len((loaded.training_state.get("rng") or {}).get("cuda") or [])
+            rng_notice = cuda_rng_notice(saved_cuda, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+            for notice in (continuation.notices if continuation is not None else []) + [rng_notice] * bool(rng_notice):
                 self._say(notice)
             self._say(f"resumed from {loaded.path} (step {state['step']}, epoch {state['epoch']})")
 
@@ -225,7 +227,7 @@ class Trainer:
                         "raise epochs to train further, or use a new run name"
                     )
                 elif loaded is not None:
-                    db.mark_resumed(state["step"])
+                    db.mark_resumed(state["step"], abandoned_branch=plan.batch.name if plan and plan.batch else None)
                     rewrite_jsonl(run_dir / METRICS_FILE, state["metrics_history"])
                     db.backfill(state["metrics_history"])
                 elif (run_dir / METRICS_FILE).exists():
