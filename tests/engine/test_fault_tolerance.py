@@ -244,7 +244,7 @@ def test_a_partial_copy_left_by_a_non_atomic_rename_is_never_taken(tmp_path: Pat
     run_dir = workspace_copy / "checkpoints" / RUN
     complete = tmp_path / "complete"
     shutil.move(run_dir / "step-000010", complete)  # step-000009 is now the newest
-    partial = run_dir / "step-000011"
+    partial = run_dir / "step-000010"  # the rename of its own temp folder, seen file by file
     for order in (CHECKPOINT_FILES, tuple(reversed(CHECKPOINT_FILES))):
         for visible in range(len(order)):
             for cut_last in (False, True):
