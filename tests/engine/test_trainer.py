@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from utils.training.engine.checkpoint import MODEL_FILE, STATE_FILE, list_checkpoints
 from utils.training.engine.experiment_db import ExperimentDB
 from utils.training.engine.recovery import read_metrics_log
+from utils.training.engine.rollback import ResumeRefused
 from utils.training.engine.trainer import ResumeError, Trainer
 
 RESULT_KEYS = {
@@ -100,10 +101,11 @@ def test_resume_never_on_an_existing_run_is_refused_and_touches_nothing(
     run_dir = _run_dir(workspace_copy)
     before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     config = trained_workspace["config"].replace(workspace_root=str(workspace_copy))
-    with pytest.raises(ResumeError) as info:
+    with pytest.raises(ResumeRefused) as info:  # the engine words the choices; the CLI turns them into flags
         Trainer(config, resume="never", progress=False).fit()
     message = str(info.value)
-    assert str(run_dir) in message and "--resume auto" in message and "--run-name" in message
+    assert str(run_dir) in message and "resume=auto" in message and "new run name" in message
+    assert info.value.choices == ["resume_auto", "new_run_name"]
     after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and p.name != ".lock"}
     assert after == before
 
