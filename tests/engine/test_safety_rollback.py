@@ -160,6 +160,10 @@ def test_auto_falls_back_past_a_damaged_newest_and_sets_it_aside(workspace_copy:
     (item,) = plan.set_aside
     assert item["path"].endswith("step-000010") and "hash" in item["reason"]
     assert not (run_dir / "step-000010").exists()
+    # What was set aside is not part of the run: verify of the workspace passes.
+    done = subprocess.run([sys.executable, "-m", "utils.training", "verify", str(workspace_copy)], cwd=REPO_ROOT,
+                          env=ENV, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_rollback_with_retention_keeps_the_new_branch(workspace_copy: Path, trained_workspace) -> None:

@@ -143,7 +143,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         targets = []
         for folder, dirnames, _ in os.walk(root, followlinks=False):
             targets += [path for _, path in list_checkpoints(Path(folder))]
-            dirnames[:] = [d for d in dirnames if not d.startswith(".") and not d.startswith("step-")]
+            # abandoned/ holds what rollbacks set aside (damaged ones included): not part of any run
+            dirnames[:] = [d for d in dirnames if not d.startswith((".", "step-")) and d != "abandoned"]
     if not targets:
         raise CliError(f"no checkpoint (step-NNNNNN folder) under {root}")
     report = []
