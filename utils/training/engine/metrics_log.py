@@ -41,7 +41,11 @@ def remove_stale_temp_logs(run_dir: Path) -> list[Path]:
     except OSError:
         return removed
     for path in candidates:
-        if path.name.split(".tmp-")[0].endswith((".jsonl", ".json")) and path.is_file() and not path.is_symlink():
+        if (
+            path.name.split(".tmp-")[0].endswith((".jsonl", ".json", ".snapshot"))
+            and path.is_file()
+            and not path.is_symlink()
+        ):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
