@@ -36,6 +36,7 @@ from .checkpoint import MODEL_FILE, STATE_FILE, TRAINER_FILE, apply_retention, s
 from .commit import (
     MAX_JSON_BYTES,
     CheckpointCorrupt,
+    CheckpointError,
     CheckpointWriteError,
     HashingWriter,
     commit_dir,
@@ -155,8 +156,8 @@ class DistributedCheckpointManager:
                 write_manifest(tmp, files, world_size=rt.world_size, **pending["fields"])
                 commit_dir(tmp, final)
                 apply_retention(self.run_dir, **self.retention)
-            except OSError as exc:
-                failed = [f"commit: {exc.strerror or exc}"]
+            except (OSError, CheckpointError) as exc:  # every rank must hear of it, or they wait for ever
+                failed = [f"commit: {getattr(exc, 'strerror', None) or exc}"]
         failed = rt.broadcast_object(failed)
         if failed:
             if rt.is_main:
