@@ -7,6 +7,7 @@ set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 python="${1:-$repo/.venv/bin/python}"
 shift || true
+case "$python" in */*) python="$(cd "$(dirname "$python")" && pwd)/$(basename "$python")" ;; esac  # we cd below
 work="$(mktemp -d "${TMPDIR:-/tmp}/training-nbval.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 cp "$repo/training.ipynb" "$repo/tests/nbval_sanitize.cfg" "$work/"
