@@ -32,7 +32,7 @@ RUN = "crash"
 EPOCHS, STEPS_PER_EPOCH = 4, 10
 # Columns that depend only on the computation, never on the clock.
 DETERMINISTIC = ("train/loss", "val/loss", "grad_norm", "learning_rate", "drift/token_js", "drift/grad_norm_var")
-TIMING = {"epoch_seconds", "tokens_per_second", "time"}
+TIMING = {"epoch_seconds", "tokens_per_second", "samples_per_second", "time"}
 
 
 def train_command(workspace: Path, *extra: str) -> list[str]:
