@@ -24,7 +24,12 @@ METRIC_KEYS = {
     "epoch", "step", "train/loss", "val/loss", "val/perplexity", "train/perplexity", "learning_rate", "grad_norm",
     "epoch_seconds", "tokens_per_second",
 }  # fmt: skip
-WALL_CLOCK_KEYS = {"epoch_seconds", "tokens_per_second", "samples_per_second", "time"}  # the only metrics allowed to differ
+WALL_CLOCK_KEYS = {
+    "epoch_seconds",
+    "tokens_per_second",
+    "samples_per_second",
+    "time",
+}  # the only metrics allowed to differ
 
 
 def _run_dir(workspace: Path) -> Path:
