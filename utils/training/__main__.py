@@ -14,6 +14,7 @@ from typing import Any
 from .config import PRESETS, ConfigError, TrainingConfig, read_config_file
 
 EXIT_FAILURE = 1
+DEFAULT_TASK = "utils.training.engine.lm_task:build_task"  # the byte LM: presets size it
 TASK_PRESET_FIELDS = ("learning_rate", "warmup_steps")  # what a preset still sets under --task
 EXIT_USAGE = 2
 
@@ -50,7 +51,7 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
     if preset not in PRESETS:
         raise ConfigError(f"config field preset={preset!r} is invalid: allowed one of {sorted(PRESETS)}")
     base = dict(PRESETS[preset])
-    if getattr(args, "task", None):
+    if getattr(args, "task", None) not in (None, DEFAULT_TASK):
         # A preset sizes the byte LM: for another task it changes no model or data field, and an
         # epoch is one full pass over the data unless --steps-per-epoch caps it.
         base = {k: v for k, v in base.items() if k in TASK_PRESET_FIELDS}
