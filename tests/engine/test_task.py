@@ -228,3 +228,17 @@ def test_an_async_save_keeps_batchnorm_statistics_of_the_moment_it_was_called(tm
     for name, value in expected.items():
         assert saved[name].equal(value), f"{name} was saved half-updated"
     assert manager.best_step() == manager.latest_step() == 1
+
+
+def test_a_checkpoint_loads_for_inference_only_with_its_recorded_builder(tmp_path: Path) -> None:
+    from utils.training.analysis import load_task_model
+    from utils.training.engine.trainer import TaskMismatch
+
+    results = Trainer(config(tmp_path, epochs=1, steps_per_epoch=2), build_task=mytask.build, task_path="mytask:build",
+                      progress=False).fit()  # fmt: skip
+    with pytest.raises(TaskMismatch, match="mytask:build"):
+        load_task_model(results["best_checkpoint_path"])
+    model, task = load_task_model(results["best_checkpoint_path"], build_task=mytask.build, task_path="mytask:build")
+    saved = load_checkpoint(Path(results["best_checkpoint_path"])).model_state
+    assert not model.training and all(v.equal(saved[k]) for k, v in model.state_dict().items())
+    assert task.sample_fn is None

@@ -186,12 +186,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .analysis import export_metrics_csv
+    from .analysis import export_metrics_csv, export_steps_csv
     from .engine.recovery import recover
 
     results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
     path, rows = export_metrics_csv(results, args.output)
-    print_json({"csv": str(path), "rows": rows}) if args.json else print(f"{rows} row(s) written to {path}")
+    steps = export_steps_csv(results, Path(path).with_name(Path(path).name.replace("metrics", "steps"))
+                             if args.output and "metrics" in Path(args.output).name else None)  # fmt: skip
+    if args.json:
+        print_json({"csv": str(path), "rows": rows, "steps_csv": str(steps[0]) if steps else None,
+                    "step_rows": steps[1] if steps else 0})  # fmt: skip
+    else:
+        print(f"{rows} row(s) written to {path}")
+        if steps:
+            print(f"{steps[1]} step row(s) written to {steps[0]}")
     return 0
 
 
