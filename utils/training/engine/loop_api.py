@@ -63,6 +63,7 @@ class CheckpointedRun:
         self._steps_log: StepsLog | None = None
         self._last_save = time.monotonic()
         self._restored = False
+        self._saved_step: int | None = None
         self._closed = False
 
     def __enter__(self) -> CheckpointedRun:
@@ -96,6 +97,7 @@ class CheckpointedRun:
         trim_steps_log(self.run_dir / STEPS_FILE, self.step)
         self._write_run_info()
         self._restored = True
+        self._saved_step = self.step if loaded is not None else None
         return self.step
 
     def _write_run_info(self) -> None:
@@ -157,9 +159,13 @@ class CheckpointedRun:
         return due
 
     def save(self, step: int) -> None:
-        """Checkpoint `step` (completed steps): handed to the background writer, committed atomically."""
+        """Checkpoint `step` (completed steps): handed to the background writer, committed atomically.
+        The step already saved (or just restored) is not written again."""
         self._need_restore()
         self.step = step
+        if step == self._saved_step:
+            return
+        self._saved_step = step
         if self._steps_log is not None:
             self._steps_log.sync()
         training_state = {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
