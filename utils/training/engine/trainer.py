@@ -156,6 +156,12 @@ class Trainer:
         distributed = is_distributed_checkpoint(loaded.path)
         if distributed:
             load_distributed(loaded.path, ts.train_model, ts.optimizer)
+            # dcp/ keeps one copy of each replicated buffer, from whichever rank its planner picked;
+            # DDP's forward broadcasts rank 0's, so every rank takes rank 0's (model.safetensors).
+            with torch.no_grad():
+                for name, buffer in ts.model.named_buffers():
+                    if name in loaded.model_state:
+                        buffer.copy_(loaded.model_state[name])
         elif rt.distributed and cfg.distributed_strategy == "fsdp":
             raise ResumeError(
                 f"{loaded.path} was written by a single process; an FSDP job resumes only from FSDP/DDP "
