@@ -242,3 +242,33 @@ def test_a_checkpoint_loads_for_inference_only_with_its_recorded_builder(tmp_pat
     saved = load_checkpoint(Path(results["best_checkpoint_path"])).model_state
     assert not model.training and all(v.equal(saved[k]) for k, v in model.state_dict().items())
     assert task.sample_fn is None
+
+
+def test_events_are_emitted_as_they_happen_with_each_epoch_row(tmp_path: Path) -> None:
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    logger = logging.getLogger("utils.training.events")
+    handler, level = Collect(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        cfg = config(tmp_path, epochs=2, steps_per_epoch=3, save_every_steps=2, async_save=False)
+        results = Trainer(cfg, build_task=mytask.build, progress=False).fit()
+        Trainer(cfg.replace(epochs=3), build_task=mytask.build, progress=False).fit()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    rows = [r.epoch_row for r in records if hasattr(r, "epoch_row")]
+    assert rows[:2] == results["metrics_history"] and rows[2]["epoch"] == 3
+    messages = [r.getMessage() for r in records]
+    saved = [m for m in messages if m.startswith("checkpoint step-")]
+    assert saved[:4] == [f"checkpoint step-{s:06d} saved" for s in (2, 3, 4, 6)]
+    order = [m for m in messages if m.startswith(("checkpoint step-000004", "epoch 2"))]
+    assert order[0].startswith("checkpoint step-000004")  # as it happened, not at the end
+    assert any(m.startswith("resumed from") and "step-000006" in m for m in messages)
