@@ -16,8 +16,7 @@ from .drift import js_divergence, mean_prediction_entropy, variance_from_sums
 from .task import batch_size_of, move_to_device, split_loss_output
 from .train_state import RunningSums, TrainState
 
-# Validation batches when eval_batches=0 would read a whole endless stream: a cap for batched streams.
-LM_PERPLEXITY_CAP = 50.0
+LM_PERPLEXITY_CAP = 50.0  # exp() of a loss above this overflows nothing but says nothing either
 
 
 @torch.no_grad()

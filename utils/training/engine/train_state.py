@@ -39,24 +39,21 @@ def default_optimizer(model: torch.nn.Module, config: TrainingConfig, device: to
 
 def build_optimizer(task: Task, model: torch.nn.Module, config: TrainingConfig, *, total_steps: int,
                     device: torch.device) -> tuple[torch.optim.Optimizer, Any]:  # fmt: skip
-    """The task's optimizer factory, or AdamW + warmup/cosine over `total_steps`."""
-    if task.make_optimizer is None:
-        optimizer: Any = default_optimizer(model, config, device)
-        scheduler: Any = None
-    else:
+    """The task's optimizer factory (its scheduler, if it returns one; else none), or AdamW with
+    linear warmup + cosine decay over `total_steps`."""
+    if task.make_optimizer is not None:
         made = task.make_optimizer(model, config)
         optimizer, scheduler = made if isinstance(made, tuple) else (made, None)
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TaskError(f"Task.make_optimizer returned {type(optimizer).__name__}, not a torch Optimizer")
-        if task.make_optimizer is not None and scheduler is None:
-            return optimizer, None
-    if scheduler is None:
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_multiplier(
-                s, warmup_steps=config.warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio
-            ),
-        )
+        return optimizer, scheduler
+    optimizer = default_optimizer(model, config, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_multiplier(
+            s, warmup_steps=config.warmup_steps, total_steps=total_steps, min_lr_ratio=config.min_lr_ratio
+        ),
+    )
     return optimizer, scheduler
 
 

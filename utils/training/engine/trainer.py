@@ -37,7 +37,7 @@ from .stop import StopRequested
 from .task import DEFAULT_TASK_PATH, Task, TaskError, build_checked, load_builder
 from .train_state import Progress, RunningSums, TrainState, build_optimizer, lr_multiplier
 
-__all__ = ["ResumeError", "TaskMismatch", "Trainer", "lr_multiplier", "train"]
+__all__ = ["ResumeError", "TaskError", "TaskMismatch", "Trainer", "lr_multiplier", "train"]
 
 log = logging.getLogger(__name__)
 events = logging.getLogger("utils.training.events")
@@ -306,6 +306,3 @@ def train(config: TrainingConfig, *, build_task: Builder | None = None, task_pat
     """Train (or continue) the run described by `config`; returns the results dict.
     `build_task(config) -> Task` (default: the byte LM); `task_path` is what run.json records."""
     return Trainer(config, build_task=build_task, task_path=task_path, resume=resume, progress=progress).fit()
-
-
-__all__ += ["TaskError"]
