@@ -95,3 +95,58 @@ def test_logging_before_restore_is_refused(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="restore"):
             run.log(1, {"loss": 1.0})
         assert run.restore() == 0
+
+
+LOOP = """
+import sys, torch
+from utils.training import CheckpointedRun, TrainingConfig
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+config = TrainingConfig(save_every_steps=2, keep_last=2, save_every_seconds=0)
+with CheckpointedRun(sys.argv[1], "loop", model=model, optimizer=optimizer, config=config) as run:
+    step = run.restore()
+    while step < 120:
+        x = torch.randn(16, 4)
+        loss = (model(x) - x.sum(dim=1, keepdim=True)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step += 1
+        run.log(step, {"loss": loss.item()})
+        run.maybe_save(step)
+"""
+
+
+@pytest.mark.slow
+def test_a_loop_killed_with_sigkill_continues_bit_identical(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from utils.training.engine.checkpoint import list_checkpoints, read_model_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    reference = subprocess.Popen([sys.executable, "-c", LOOP, str(tmp_path / "ref")], env=env)
+    run_dir = tmp_path / "killed" / "checkpoints" / "loop"
+    victim = subprocess.Popen([sys.executable, "-c", LOOP, str(tmp_path / "killed")], env=env)
+    deadline = time.monotonic() + 120
+    while not list_checkpoints(run_dir) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    killed_at = list_checkpoints(run_dir)[0][0]
+    assert 0 < killed_at < 120
+    subprocess.run([sys.executable, "-c", LOOP, str(tmp_path / "killed")], env=env, check=True, timeout=300)
+    assert reference.wait(timeout=300) == 0
+    final = read_model_file(run_dir / "step-000120" / "model.safetensors")
+    expected = read_model_file(tmp_path / "ref" / "checkpoints" / "loop" / "step-000120" / "model.safetensors")
+    assert all(expected[k].equal(final[k]) for k in expected)
+    rows = [
+        [{k: v for k, v in r.items() if k != "time"} for r in read_steps_log(w / "checkpoints" / "loop" / STEPS_FILE)]
+        for w in (tmp_path / "ref", tmp_path / "killed")
+    ]
+    assert rows[0] == rows[1] and [r["step"] for r in rows[1]] == list(range(1, 121))
