@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -22,10 +24,11 @@ from utils.training.engine.metrics_log import METRICS_FILE
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 TIMING = {"epoch_seconds", "samples_per_second", "tokens_per_second", "time"}
+# The README's example commands, run as written plus the flags below (later flags win): smaller
+# data and a checkpoint every step, so that the kill lands mid-run.
 EXAMPLES = {
     "byte-lm": ("utils.training.engine.lm_task:build_task", ["--epochs", "2", "--steps-per-epoch", "10"], 20, None),
-    "digits": ("examples.digits:build_task", ["--epochs", "2", "--batch-size", "64", "--config", "{digits}"], 8,
-               "sklearn"),
+    "digits": ("examples.digits:build_task", ["--config", "{digits}"], 8, "sklearn"),
     "hf-causal-lm": ("examples.hf_causal_lm:build_task", ["--epochs", "2", "--steps-per-epoch", "8", "--batch-size",
                      "4", "--corpus", "README.md", "--config", "{hf}"], 16, "transformers"),
 }  # fmt: skip
@@ -35,11 +38,20 @@ CONFIGS = {
 }
 
 
+def readme_command(task: str) -> list[str]:
+    """The README's command line for `task` (its examples section), or the bare train command."""
+    block = re.search(r"<!-- readme-test: examples -->\n```bash\n(.*?)```", (REPO_ROOT / "README.md").read_text(),
+                      re.DOTALL)  # fmt: skip
+    for line in block.group(1).splitlines():
+        if f"--task {task} " in line:
+            return shlex.split(line)[1:]
+    return ["-m", "utils.training", "train", "--task", task]
+
+
 def command(task: str, workspace: Path, extra: list[str], config_dir: Path) -> list[str]:
     extra = [a.format(**{k: str(config_dir / f"{k}.json") for k in CONFIGS}) for a in extra]
-    return [sys.executable, "-m", "utils.training", "train", "--task", task, "--workspace", str(workspace),
-            "--run-name", "ex", "--save-every-steps", "1", "--keep-last", "3", "--device", "cpu", "--json",
-            *extra]  # fmt: skip
+    return [sys.executable, *readme_command(task), "--workspace", str(workspace), "--run-name", "ex",
+            "--save-every-steps", "1", "--keep-last", "3", "--device", "cpu", "--json", *extra]  # fmt: skip
 
 
 def newest_step(run_dir: Path) -> int:
@@ -80,6 +92,7 @@ def train_killed_and_resumed(name: str, tmp_path: Path) -> tuple[Path, dict]:
     assert reference.returncode == 0, err
     results = json.loads(resumed.stdout)
     assert results["resume_count"] == 1 and results["step"] == total and results["task"] == task
+    assert name == "byte-lm" or readme_command(task)[-1] != task, "the README has no command for this example"
 
     final = f"step-{total:06d}"
     weights = read_model_file(run_dir / final / MODEL_FILE)
