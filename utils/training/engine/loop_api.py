@@ -118,8 +118,10 @@ class CheckpointedRun:
 
     @staticmethod
     def _named(metrics: dict[str, Any]) -> dict[str, float]:
-        """Bare names are training metrics (`loss` -> `train/loss`); `val/...` names stay as they are."""
-        return {(k if "/" in k else f"train/{k}"): float(v) for k, v in metrics.items()}
+        """Bare names are training metrics (`loss` -> `train/loss`); `val/...` names, `grad_norm` and
+        `learning_rate` stay as they are."""
+        kept = ("grad_norm", "learning_rate")
+        return {(k if "/" in k or k in kept else f"train/{k}"): float(v) for k, v in metrics.items()}
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """One steps.jsonl line at `step` (completed steps)."""
@@ -127,14 +129,14 @@ class CheckpointedRun:
         self.step = step
         if self._steps_log is None:
             self._steps_log = StepsLog(self.run_dir / STEPS_FILE)
-        row = {"step": step, "epoch": self.epoch + 1, **self._named(metrics), "learning_rate": self._learning_rate(),
+        row = {"step": step, "epoch": self.epoch + 1, "learning_rate": self._learning_rate(), **self._named(metrics),
                "time": time.time()}  # fmt: skip
         self._steps_log.append(row)
 
     def end_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
         """One metrics.jsonl row for a completed epoch (1-based); `val/<name>` keys are kept as given."""
         self._need_restore()
-        row = {"epoch": epoch, "step": self.step, **self._named(metrics), "learning_rate": self._learning_rate(),
+        row = {"epoch": epoch, "step": self.step, "learning_rate": self._learning_rate(), **self._named(metrics),
                "time": time.time()}  # fmt: skip
         self.epoch = epoch
         self.metrics_history.append(row)
