@@ -260,10 +260,14 @@ def dashboard_figure(results: dict[str, Any]):
 
 
 def panel_count(results: dict[str, Any]) -> int:
-    """How many panels the dashboard of these results has: 6, or 10 with drift data, plus one
-    per step-level series and one per task metric."""
-    base = 10 if drift_frame(results) is not None else 6
-    return base + extra_panel_count(metrics_frame(results), steps_frame(results))
+    """How many epoch panels the dashboard of these results has: 6, or 10 with drift data (the
+    per-step and task-metric panels below them are counted by `extra_panels`)."""
+    return 10 if drift_frame(results) is not None else 6
+
+
+def extra_panels(results: dict[str, Any]) -> int:
+    """Panels beyond panel_count(): one per step-level series and one per task metric."""
+    return extra_panel_count(metrics_frame(results), steps_frame(results))
 
 
 def save_dashboard(results: dict[str, Any], output: str | Path | None = None) -> Path:

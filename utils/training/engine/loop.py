@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -131,7 +132,16 @@ class Loop:
         row.update(learning_rate=ts.learning_rate(), grad_norm=means["grad_norm"], time=time.time())
         ts.interval_sums = ts.fresh_sums()
         if self.steps_log is not None:
-            self.steps_log.append(row)
+            self._append_log(self.steps_log.path, lambda: self.steps_log.append(row))
+
+    def _append_log(self, path: Path, append: Callable[[], None]) -> None:
+        """A failed append of a log line (a full disk) is a failed save: on_save_error decides.
+        Nothing is lost: the checkpoint carries the rows, and a resume rewrites the logs from it."""
+        try:
+            append()
+        except OSError as exc:
+            self.on_save_error(CheckpointWriteError(path, f"could not append to {path.name}: {exc.strerror or exc}",
+                                                    "free disk space; a resume rewrites the log from the checkpoint"))  # fmt: skip
 
     def _end_epoch(self, before: dict[str, torch.Tensor] | None, epoch_seconds: float) -> None:
         ts = self.ts
@@ -146,7 +156,8 @@ class Loop:
             self.bar.set_postfix(loss=f"{row['train/loss']:.3f}", val_loss=f"{row['val/loss']:.3f}", refresh=True)
         if not self.rt.is_main:
             return
-        append_jsonl(ts.config.run_dir / METRICS_FILE, row)
+        metrics_file = ts.config.run_dir / METRICS_FILE
+        self._append_log(metrics_file, lambda: append_jsonl(metrics_file, row))
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("train/", "val/")))
         events.info("epoch %d (step %d): %s", row["epoch"], row["step"], shown, extra={"epoch_row": row})
         if ts.db is not None:
@@ -172,8 +183,8 @@ class Loop:
         ts, p = self.ts, self.ts.progress
         if ts.manager is None:
             return
-        if self.steps_log is not None:
-            self.steps_log.sync()  # every step line up to this checkpoint is on disk before it commits
+        if self.steps_log is not None:  # every step line up to this checkpoint is on disk before it commits
+            self._append_log(self.steps_log.path, self.steps_log.sync)
         metrics = p.metrics_history[-1] if reason == "epoch_end" and p.metrics_history else {}
         manifest_fields = {"epoch": ts.epoch, "reason": reason,
                            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip
