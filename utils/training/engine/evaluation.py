@@ -67,9 +67,11 @@ def epoch_row(ts: TrainState, *, runtime: Any, autocast: Any, update_ratio: dict
         val_loss, val_metrics = evaluate(ts, autocast)
         row["val/loss"] = val_loss
         row.update({f"val/{k}": v for k, v in val_metrics.items()})
-    row.update(learning_rate=ts.learning_rate(), grad_norm=means["grad_norm"], epoch_seconds=epoch_seconds,
-               samples_per_second=sums.samples * runtime.world_size / max(epoch_seconds, 1e-9), time=time.time())  # fmt: skip
+    row.update(learning_rate=ts.learning_rate(), grad_norm=means["grad_norm"], epoch_seconds=epoch_seconds)
     lm = ts.task.language_model
+    if lm is None:  # a language model reports tokens_per_second instead
+        row["samples_per_second"] = sums.samples * runtime.world_size / max(epoch_seconds, 1e-9)
+    row["time"] = time.time()
     if lm is not None:
         row["train/perplexity"] = math.exp(min(row["train/loss"], LM_PERPLEXITY_CAP))
         if "val/loss" in row:
