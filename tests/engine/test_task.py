@@ -108,6 +108,14 @@ def test_epoch_metrics_are_batch_size_weighted_means(tmp_path: Path) -> None:
     assert results["task"].endswith("_mean_task.<locals>.build")
 
 
+def test_drop_last_leaves_out_the_short_batch_of_each_pass(tmp_path: Path) -> None:
+    results = Trainer(config(tmp_path, batch_size=4, epochs=2), build_task=_mean_task(drop_last=True),
+                      progress=False).fit()  # fmt: skip
+    rows = results["metrics_history"]
+    assert [r["step"] for r in rows] == [2, 4]  # 10 samples: two batches of 4 an epoch
+    assert all(r["train/rows"] == 4.0 for r in rows)
+
+
 def test_without_validation_data_the_newest_checkpoint_is_the_best(tmp_path: Path) -> None:
     trainer = Trainer(config(tmp_path, batch_size=4), build_task=_mean_task(val=False), progress=False)
     results = trainer.fit()

@@ -53,14 +53,18 @@ class ResumableBatchSampler:
     world_size-th index (padded by wrapping, so every rank has as many batches). An epoch is
     `steps` batches: one pass by default, more passes when steps asks for more."""
 
-    def __init__(self, length: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, length: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 drop_last: bool = False) -> None:  # fmt: skip
         self.length = length
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
         self.per_rank = -(-length // world_size)
-        self.batches_per_pass = -(-self.per_rank // batch_size)
+        self.batches_per_pass = self.per_rank // batch_size if drop_last else -(-self.per_rank // batch_size)
+        if self.batches_per_pass == 0:
+            raise TaskError(f"the training data has {length} samples, fewer than one batch of {batch_size} per process")
         self.epoch = 0
         self.start = 0
         self.steps = self.batches_per_pass
@@ -72,7 +76,8 @@ class ResumableBatchSampler:
             : self.per_rank * self.world_size
         ]
         mine = padded[self.rank :: self.world_size]
-        return [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        batches = [mine[i : i + self.batch_size] for i in range(0, len(mine), self.batch_size)]
+        return batches[: self.batches_per_pass]  # without the short last batch when drop_last
 
     def __iter__(self) -> Iterator[list[int]]:
         first_pass, offset = divmod(self.start, self.batches_per_pass)
@@ -106,8 +111,9 @@ class TrainBatches:
         self._replay = 0
         if self.map_style:
             self.sampler = ResumableBatchSampler(
-                len(self.data), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size
-            )
+                len(self.data), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                drop_last=task.drop_last,
+            )  # fmt: skip
             self._loader_generator = torch.Generator()
             self._pin = pin
         elif not self.stateful:

@@ -63,6 +63,8 @@ class Task:
     - `batched`: the data already yields whole batches (an iterable stream of batches, or a list
       of batches); the trainer then does not batch or collate it.
     - `num_workers`: DataLoader worker processes for a map-style dataset.
+    - `drop_last`: leave out the short last batch of each pass over a map-style dataset (BatchNorm
+      cannot train on a batch of one sample).
     - `language_model`: see LanguageModel.
     - `parameter_group(name) -> str`: groups parameters for `drift/update_ratio/<group>`
       (default: the top-level submodule).
@@ -78,6 +80,7 @@ class Task:
     sample_fn: Callable[..., str] | None = None
     batched: bool = False
     num_workers: int = 0
+    drop_last: bool = False
     language_model: LanguageModel | None = None
     parameter_group: Callable[[str], str] | None = None
     data_fingerprint: str | None = None
