@@ -98,8 +98,10 @@ class TrainingConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     epochs: int = 2
-    steps_per_epoch: int = 20
-    eval_batches: int = 4
+    steps_per_epoch: int = 20  # 0 = one full pass over the training data
+    eval_batches: int = 4  # 0 = a full validation pass
+    log_every_steps: int = 10  # a steps.jsonl line every N steps; 0 = none
+    task_options: dict[str, Any] = field(default_factory=dict)  # a task's own settings, passed to its builder
 
     # Checkpoints.
     save_every_steps: int = 0  # 0 = only at epoch ends (and by time)
@@ -203,12 +205,15 @@ class TrainingConfig:
         need(is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", "a number in [0, 1)")
         need(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables)")
         need(is_int(self.epochs) and 1 <= self.epochs <= 100_000, "epochs", "an integer in [1, 100000]")
-        need(is_int(self.steps_per_epoch) and 1 <= self.steps_per_epoch <= MAX_STEPS_PER_EPOCH, "steps_per_epoch",
-             f"an integer in [1, {MAX_STEPS_PER_EPOCH}]")  # fmt: skip
+        need(is_int(self.steps_per_epoch) and 0 <= self.steps_per_epoch <= MAX_STEPS_PER_EPOCH, "steps_per_epoch",
+             f"an integer in [0, {MAX_STEPS_PER_EPOCH}] (0 = one full pass over the data)")  # fmt: skip
         need(self.epochs * self.steps_per_epoch <= MAX_STEPS, "steps_per_epoch",
              f"with epochs={self.epochs}, at most {MAX_STEPS} steps in all")  # fmt: skip
-        need(is_int(self.eval_batches) and 1 <= self.eval_batches <= MAX_EVAL_BATCHES, "eval_batches",
-             f"an integer in [1, {MAX_EVAL_BATCHES}]")  # fmt: skip
+        need(is_int(self.eval_batches) and 0 <= self.eval_batches <= MAX_EVAL_BATCHES, "eval_batches",
+             f"an integer in [0, {MAX_EVAL_BATCHES}] (0 = all)")  # fmt: skip
+        need(is_int(self.log_every_steps) and 0 <= self.log_every_steps <= MAX_STEPS, "log_every_steps",
+             f"an integer in [0, {MAX_STEPS}] (0 = off)")  # fmt: skip
+        need(isinstance(self.task_options, dict), "task_options", "a JSON object (dict) of the task's own settings")
         need(
             is_int(self.save_every_steps) and 0 <= self.save_every_steps <= MAX_STEPS,
             "save_every_steps",

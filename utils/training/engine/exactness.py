@@ -26,8 +26,10 @@ MODEL_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "context_length")
 EXACTNESS_FIELDS = (
     "batch_size", "steps_per_epoch", "learning_rate", "min_lr_ratio", "warmup_steps", "weight_decay",
     "beta1", "beta2", "grad_clip", "dropout", "seed", "val_fraction", "eval_batches", "corpus",
-    "corpus_max_bytes", "precision",
+    "corpus_max_bytes", "precision", "task_options",
 )  # fmt: skip
+# log_every_steps, epochs (see schedule_notice), the save cadence, retention, device, on_save_error
+# and the logging settings may change freely: they do not change the steps that follow.
 DATA_FINGERPRINT = "data_fingerprint"
 RUN_FILE = "run.json"
 
@@ -67,12 +69,15 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def schedule_notice(saved: dict[str, Any], new: dict[str, Any], step: int) -> str | None:
-    """Extending (or shortening) `epochs`: how the warmup + cosine schedule changes."""
+def schedule_notice(
+    saved: dict[str, Any], new: dict[str, Any], step: int, steps_per_epoch: int | None = None
+) -> str | None:
+    """Extending (or shortening) `epochs`: how the warmup + cosine schedule changes.
+    `steps_per_epoch`: the run's actual count (the config's may be 0, one full pass)."""
     old_epochs, new_epochs = saved.get("epochs"), new.get("epochs")
     if old_epochs == new_epochs or not isinstance(old_epochs, int):
         return None
-    per_epoch = new["steps_per_epoch"]
+    per_epoch = steps_per_epoch if isinstance(steps_per_epoch, int) and steps_per_epoch > 0 else new["steps_per_epoch"]
     old_total, new_total = old_epochs * per_epoch, new_epochs * per_epoch
     return (
         f"epochs {old_epochs} -> {new_epochs}: the cosine learning-rate schedule is re-stretched from "
@@ -90,12 +95,15 @@ def check_continuation(
     saved_fingerprint: str | None = None,
     new_fingerprint: str | None = None,
     accept: bool = False,
+    model_shape: bool = True,
+    steps_per_epoch: int | None = None,
 ) -> Continuation:
     """Compare the settings a checkpoint was trained with against the new ones. Raises
     ConfigChanged on the first mismatch that is not accepted; returns the accepted changes
-    and the notices (schedule re-stretch) for a compatible one."""
+    and the notices (schedule re-stretch) for a compatible one. `model_shape`: compare the
+    byte LM's size fields (a task's own model is checked by loading its state dict)."""
     result = Continuation()
-    for name in MODEL_SHAPE_FIELDS:
+    for name in MODEL_SHAPE_FIELDS if model_shape else ():
         if name in saved_config and not _same(saved_config[name], new_config.get(name)):
             raise ConfigChanged(name, saved_config[name], new_config.get(name), acceptable=False, checkpoint=checkpoint)
     compared = [(name, saved_config[name], new_config.get(name)) for name in EXACTNESS_FIELDS if name in saved_config]
@@ -108,7 +116,7 @@ def check_continuation(
             raise ConfigChanged(name, old, new, acceptable=True, checkpoint=checkpoint)
         result.changes.append({"what": name, "old": old, "new": new, "step": step, "time": time.time()})
         result.notices.append(f"accepted a changed {name}: {old!r} -> {new!r} at step {step} (recorded in run.json)")
-    notice = schedule_notice(saved_config, new_config, step)
+    notice = schedule_notice(saved_config, new_config, step, steps_per_epoch)
     if notice:
         result.notices.append(notice)
     return result
