@@ -111,7 +111,25 @@ class DistributedCheckpointManager:
         self, step: int, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
         training_state: dict[str, Any], trainer_state: dict[str, Any], manifest_fields: dict[str, Any],
     ) -> None:  # fmt: skip
-        self.wait_until_finished()
+        """Collective. A failed previous save never drops this one: its error (the same on every
+        rank) is raised after this state is handed over."""
+        previous: CheckpointWriteError | None = None
+        try:
+            self.wait_until_finished()
+        except CheckpointWriteError as exc:
+            previous = exc
+        self._start_save(step, model, optimizer, training_state, trainer_state, manifest_fields)
+        if not self.async_save:
+            try:
+                self.wait_until_finished()
+            except CheckpointWriteError as exc:
+                raise exc from previous
+        if previous is not None:
+            raise previous
+
+    def _start_save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    training_state: dict[str, Any], trainer_state: dict[str, Any],
+                    manifest_fields: dict[str, Any]) -> None:  # fmt: skip
         rt = self.runtime
         final = self.run_dir / step_dir_name(step)
         tmp_name = new_temp_dir(self.run_dir, final.name).name if rt.is_main else None
@@ -138,8 +156,6 @@ class DistributedCheckpointManager:
         except OSError as exc:
             pending["error"] = f"rank {rt.rank}: {exc.strerror or exc}"
         self._pending = pending
-        if not self.async_save:
-            self.wait_until_finished()
 
     def wait_until_finished(self) -> None:
         """Collective: finish the save in flight and commit it (rank 0) once every shard is written."""
