@@ -62,6 +62,27 @@ def test_async_save_copies_into_pinned_buffers(tmp_path: Path) -> None:
     assert all(torch.equal(saved[k], state[k].cpu()) for k in state)
 
 
+def test_sync_saves_write_each_steps_own_tensors(tmp_path: Path) -> None:
+    """Issue 10 item 6: the sync path waits for its device-to-host copies. A long kernel queued
+    before each save delays the copies; a writer that did not wait would write the pinned
+    buffers' old bytes (the previous save's, or never-written memory) and hash them."""
+    model = torch.nn.Linear(1024, 1024).cuda()
+    manager = CheckpointManager(tmp_path, keep_last=0, keep_best=0, monitor_metric="val/loss", monitor_mode="min",
+                                async_save=False)  # fmt: skip
+    expected = {}
+    for step in (1, 2):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+            model.bias.fill_(-float(step))
+        expected[step] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        torch.cuda._sleep(200_000_000)  # the copies queue behind this kernel
+        manager.save(step, model_state=model.state_dict(), training_state={}, trainer_state={"step": step})
+    manager.close()
+    for step in (1, 2):
+        saved = read_model_file(tmp_path / f"step-{step:06d}" / "model.safetensors")
+        assert all(torch.equal(saved[k], expected[step][k]) for k in expected[step]), step
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")
 def test_two_gpu_run_with_nccl(tmp_path: Path) -> None:
     cmd = [

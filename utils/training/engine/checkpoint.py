@@ -89,6 +89,30 @@ class StateBuffers:
         return obj
 
 
+def _cuda_devices(obj: Any, found: set[torch.device]) -> set[torch.device]:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_cuda:
+            found.add(obj.device)
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            _cuda_devices(value, found)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _cuda_devices(value, found)
+    return found
+
+
+def _wait_for_device_copies(*states: Any) -> None:
+    """Block until the non-blocking device-to-host copies of a snapshot have landed on every
+    CUDA device the state lives on; without it a sync save could write the pinned buffers
+    while they still hold the previous save's bytes (and hash those)."""
+    devices: set[torch.device] = set()
+    for state in states:
+        _cuda_devices(state, devices)
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
 @dataclass
 class Snapshot:
     step: int
@@ -279,7 +303,9 @@ class CheckpointManager:
             )
 
         if not self.async_save:
-            self._commit(take_snapshot())
+            snap = take_snapshot()
+            _wait_for_device_copies(unique, training_state)  # the pinned buffers hold this step's bytes
+            self._commit(snap)
             self.check()
             return
         self._snapshot_taken.clear()
