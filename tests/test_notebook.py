@@ -26,6 +26,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "training.ipynb"
 TAGS = (
     "setup",
     "parameters",
+    "model",
     "training",
     "recovery",
     "dashboard",
@@ -122,8 +123,8 @@ def test_analysis_cells_before_anything_name_what_is_missing(cwd: Path) -> None:
 def test_recovery_with_nothing_on_disk_says_so_then_analysis_still_works(cwd: Path, tmp_path: Path) -> None:
     env = {"TRAINING_CHECKPOINT_DIR": str(tmp_path / "never-created")}
     outputs = dict(run_cells(["setup", "recovery", "diagnostic", "dashboard"], cwd, env))
-    assert "does not exist; looking in the default places" in outputs["recovery"]
-    assert "Nothing to recover" in outputs["recovery"] and "run the Training cell" in outputs["recovery"]
+    assert "TRAINING_CHECKPOINT_DIR=" in outputs["recovery"] and "does not exist" in outputs["recovery"]
+    assert "clear it to search the usual places" in outputs["recovery"]
     assert "Next: the Recovery cell after a disconnect" in outputs["diagnostic"]
 
 
@@ -178,7 +179,7 @@ def test_committed_outputs_hold_with_other_runs_on_the_machine(cwd: Path, worksp
         cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "9 passed" in done.stdout
+    assert "10 passed" in done.stdout
     # The other runs were only read around, never touched.
     assert sorted(p.name for p in (cwd / "training_output" / "checkpoints" / "cli_run").iterdir()) == sorted(
         p.name for p in (workspace / "checkpoints" / "cli_run").iterdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import html
 import logging
 import math
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -143,3 +144,56 @@ def finish_progress_bars(before: set[Any]) -> list[str]:
             child.close()
         widget.close()
     return lines
+
+
+class Transcript:
+    """A tee of the cell's stdout: everything printed goes through, and is kept to be printed again."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextmanager
+def recording() -> Iterator[Transcript]:
+    transcript = Transcript(sys.stdout)
+    sys.stdout = transcript
+    try:
+        yield transcript
+    finally:
+        sys.stdout = transcript.stream
+
+
+def in_kernel() -> bool:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and hasattr(shell, "kernel")
+
+
+def bars_to_text(before: set[Any], transcript: Transcript) -> None:
+    """Close the progress bars created since `before`; in a kernel, clear the cell's output and print it
+    again with each bar as its final text line, so a saved notebook holds no widget (whose state it does
+    not keep) and shows the finished bar when reopened."""
+    lines = finish_progress_bars(before)
+    if not lines:
+        return
+    if in_kernel():
+        from IPython.display import clear_output
+
+        sys.stdout.flush()
+        clear_output()
+        transcript.stream.write("".join(transcript.parts))
+    for line in lines:
+        print(line)

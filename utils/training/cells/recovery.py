@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainingConfig
-from ._live import print_table
+from ._live import in_kernel, print_table
 from ._namespace import (
     DRIVE_WORKSPACE,
     RUN_ACTION,
@@ -210,19 +210,10 @@ def recover_into(ns: dict[str, Any], given: str | None, source: str) -> bool:
     return True
 
 
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and hasattr(shell, "kernel")
-
-
 def _show(ns: dict[str, Any], text: str, *, replace: bool) -> None:
     """Print `text`; in a kernel as one display the picker can replace (so recoveries do not stack)."""
     handle = ns.get(DISPLAY_KEY)
-    if not _in_kernel():
+    if not in_kernel():
         print(text, end="")
         return
     from IPython.display import display
@@ -291,5 +282,29 @@ def picker(ns: dict[str, Any], checkpoint_directory: str = "") -> None:
     button.on_click(recover_chosen)
     box = widgets.VBox([widgets.HTML(f"{len(runs)} runs on disk, newest first (the order Recovery uses):"),
                         widgets.HBox([choice, button])])  # fmt: skip
-    display(box)
     ns["run_picker"] = box
+    _retire_when_another_cell_runs(ns, display(box, display_id=True), len(runs))
+
+
+def _retire_when_another_cell_runs(ns: dict[str, Any], handle: Any, count: int) -> None:
+    """A notebook keeps no widget state: once another cell runs, the picker becomes a line of text, so a
+    saved notebook shows no widget it cannot draw. Re-running this cell shows the picker again."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    if shell is None or handle is None:
+        return
+    calls = []
+
+    def retire(*_: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:  # this cell's own end
+            return
+        shell.events.unregister("post_run_cell", retire)
+        if ns.get("run_picker") is not None:
+            _close_picker(ns)
+            ns["run_picker"] = None
+        text = f"({count} runs on disk; the run picker closed when another cell ran: re-run this cell to choose a run)"
+        handle.update({"text/plain": text}, raw=True)
+
+    shell.events.register("post_run_cell", retire)

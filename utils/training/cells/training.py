@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainingConfig
-from ._live import finish_progress_bars, live_events, print_table, widget_ids
+from ._live import Transcript, bars_to_text, live_events, print_table, recording, widget_ids
 from ._namespace import (
     RUN_ACTION,
     SCRATCH_WORKSPACE,
@@ -67,8 +67,10 @@ def _clear_scratch(config: TrainingConfig) -> None:
         print(f"Scratch workspace {show_path(root)}: cleared, so this run starts afresh.")
 
 
-def _fit(config: TrainingConfig, resume: str, progress: bool, task: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
-    """Train; returns (results, the trained model, the event printer). Bars are closed into text lines."""
+def _fit(
+    config: TrainingConfig, resume: str, progress: bool, task: dict[str, Any], transcript: Transcript
+) -> tuple[dict[str, Any], Any, Any]:
+    """Train; returns (results, the trained model, the event printer). Bars end as text lines."""
     from ..engine.trainer import Trainer
 
     before = widget_ids()
@@ -82,8 +84,7 @@ def _fit(config: TrainingConfig, resume: str, progress: bool, task: dict[str, An
                 if runtime is not None:
                     runtime.close()
     finally:
-        for line in finish_progress_bars(before):
-            print(line)
+        bars_to_text(before, transcript)
     return results, getattr(trainer, "model", None), events
 
 
@@ -110,6 +111,11 @@ def _report(results: dict[str, Any], said: list[str], rows_shown: bool) -> None:
 @text_output
 def run(ns: dict[str, Any], resume: str | None = None, progress: bool = True) -> None:
     """`resume`: None follows the Parameters cell ("auto" = continue the run when it has a checkpoint)."""
+    with recording() as transcript:
+        _run(ns, resume, progress, transcript)
+
+
+def _run(ns: dict[str, Any], resume: str | None, progress: bool, transcript: Transcript) -> None:
     from ..engine.checkpoint import CheckpointError
     from ..engine.data import CorpusError
     from ..engine.experiment_db import ExperimentDB, ExperimentDBError
@@ -136,7 +142,7 @@ def run(ns: dict[str, Any], resume: str | None = None, progress: bool = True) ->
     mode = "continue" if resume == "auto" else f"from exactly {show_path(resume)}"
     print(f"Training run '{config.run_name}' in {show_path(config.workspace_root)} (resume: {mode}) ...")
     try:
-        results, model, events = _fit(config, resume, progress, task)
+        results, model, events = _fit(config, resume, progress, task, transcript)
     except out_of_memory as exc:
         print(f"❌ Training ran out of device memory: {str(exc).splitlines()[0]}")
         print("   Next: pick a smaller preset (or batch_size) in Parameters; the checkpoints on disk are intact.")
