@@ -21,6 +21,7 @@ from typing import Any
 
 CHROMIUM = "/usr/lib/chromium/chromium"
 STDERR = '[data-mime-type="application/vnd.jupyter.stderr"]'
+VISIBLE = ".jp-NotebookPanel:not(.lm-mod-hidden)"  # the notebook in the current tab
 
 
 def free_port() -> int:
@@ -99,22 +100,22 @@ class Notebook:
 
     def open(self) -> None:
         self.page.goto(self.lab.url(f"lab/tree/{self.name}"))
-        self.page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
-        self.page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        self.page.wait_for_selector(f"{VISIBLE} .jp-Notebook .jp-Cell", timeout=60_000)
+        self.page.wait_for_selector(f"{VISIBLE} .jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
         self.page.wait_for_timeout(1000)  # the kernel's info reaches the notebook's metadata
 
     def cells(self) -> Any:
-        return self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-Cell")
+        return self.page.locator(f"{VISIBLE} .jp-Notebook .jp-Cell")
 
     def code_cell(self, index: int) -> Any:
         """The index-th code cell (0 = Setup), as in training.ipynb's order."""
-        return self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell").nth(index)
+        return self.page.locator(f"{VISIBLE} .jp-Notebook .jp-CodeCell").nth(index)
 
     def wait_idle(self, timeout_s: float = 240) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            busy = self.page.locator(".jp-Notebook .jp-InputPrompt", has_text="[*]").count()
-            status = self.page.locator(".jp-Notebook-ExecutionIndicator[data-status='busy']").count()
+            busy = self.page.locator(f"{VISIBLE} .jp-Notebook .jp-InputPrompt", has_text="[*]").count()
+            status = self.page.locator(f"{VISIBLE} .jp-Notebook-ExecutionIndicator[data-status='busy']").count()
             if busy == 0 and status == 0:
                 return
             time.sleep(0.5)
@@ -166,8 +167,8 @@ class Notebook:
 
     def problems(self) -> list[str]:
         """stderr or traceback outputs and widget errors on the page."""
-        found = [f"stderr output: {t[:300]}" for t in self.page.locator(STDERR).all_inner_texts()]
-        cells = self.page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook .jp-CodeCell")
+        found = [f"stderr output: {t[:300]}" for t in self.page.locator(f"{VISIBLE} {STDERR}").all_inner_texts()]
+        cells = self.page.locator(f"{VISIBLE} .jp-Notebook .jp-CodeCell")
         for index, text in enumerate(cells.all_inner_texts()):
             for marker in ("Error displaying widget", "Traceback (most recent call last)"):
                 if marker in text:

@@ -163,7 +163,7 @@ def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one
     nb.shut_down_and_close()
 
     # SIGKILL of the kernel mid-training, then Recovery and Training resume (problem 6: it talks while training).
-    long = Notebook(page, lab, notebook_copy(root, "long.ipynb", run_name="long", epochs=6, save_every_minutes=0.01),
+    long = Notebook(page, lab, notebook_copy(root, "long.ipynb", run_name="long", epochs=3, save_every_minutes=0.01),
                     shots)  # fmt: skip
     long.open()
     for index in (SETUP, PARAMETERS, MODEL):
@@ -191,7 +191,7 @@ def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one
     assert "Recovered run 'long'" in long.output(RECOVERY) and "not finished" in long.output(RECOVERY)
     long.run_cell(TRAINING)
     assert "resumed from" in long.output(TRAINING) and "✅ Run 'long'" in long.output(TRAINING)
-    assert "completed, 6 epoch(s)" in long.output(TRAINING)
+    assert "completed, 3 epoch(s)" in long.output(TRAINING)
     assert_clean(long, console, "09-killed-recovered-resumed", TRAINING)
     long.save()
     long.shut_down_and_close()
