@@ -102,7 +102,7 @@ class Notebook:
         self.page.goto(self.lab.url(f"lab/tree/{self.name}"))
         self.page.wait_for_selector(f"{VISIBLE} .jp-Notebook .jp-Cell", timeout=60_000)
         self.page.wait_for_selector(f"{VISIBLE} .jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
-        self.page.wait_for_timeout(1000)  # the kernel's info reaches the notebook's metadata
+        self.page.wait_for_timeout(3000)  # the kernel's info reaches the metadata; widget models are looked up
 
     def cells(self) -> Any:
         return self.page.locator(f"{VISIBLE} .jp-Notebook .jp-Cell")

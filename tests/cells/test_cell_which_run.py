@@ -186,3 +186,16 @@ def test_problem_8_the_form_sets_cadence_retention_seed_data_and_a_new_run(runs,
     step = sorted((ws / "checkpoints" / "alpha").glob("step-*"))[-1]
     parameters.run(ns, run_name="alpha", workspace=str(ws), resume=str(step))
     assert ns["planned_resume"] == str(step)
+
+
+def test_problem_6_the_run_s_progress_bar_shows_the_last_validation_loss() -> None:
+    import io
+
+    from tqdm import tqdm
+
+    with tqdm(total=10, desc="alpha", file=io.StringIO()) as bar, tqdm(total=5, desc="other", file=io.StringIO()):
+        with live_events(epochs=2, run_name="alpha"):
+            logging.getLogger(EVENTS_LOGGER).info("epoch", extra={"epoch_row": {"epoch": 1, "val/loss": 2.5}})
+            logging.getLogger(EVENTS_LOGGER).info("epoch", extra={"epoch_row": {"epoch": 2, "val/loss": 2.25}})
+        assert bar.desc == "alpha · val/loss 2.250"
+        assert [b.desc for b in tqdm._instances if b is not bar] == ["other"]

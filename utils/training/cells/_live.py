@@ -72,9 +72,9 @@ def print_table(rows: list[dict[str, Any]], tail: int = TABLE_TAIL) -> None:
 class EventPrinter(logging.Handler):
     """Prints the trainer's events as they happen (INFO; warnings are printed by `text_output`)."""
 
-    def __init__(self, epochs: int | None = None) -> None:
+    def __init__(self, epochs: int | None = None, run_name: str | None = None) -> None:
         super().__init__(logging.INFO)
-        self.epochs = epochs
+        self.epochs, self.run_name = epochs, run_name
         self.said: list[str] = []
         self.rows_printed = 0
 
@@ -83,6 +83,7 @@ class EventPrinter(logging.Handler):
         if isinstance(row, dict):
             print(f"  {epoch_line(row, self.epochs)}", flush=True)
             self.rows_printed += 1
+            self._val_loss_on_bar(row.get("val/loss"))
             return
         if record.levelno >= logging.WARNING:
             self.said.append(record.getMessage())  # printed by text_output's handler, with its mark
@@ -91,12 +92,22 @@ class EventPrinter(logging.Handler):
         self.said.append(message)
         print(f"  {notebook_words(message)}", flush=True)
 
+    def _val_loss_on_bar(self, value: Any) -> None:
+        """The run's progress bar (named after the run) shows the last epoch's validation loss."""
+        if not isinstance(value, (int, float)) or not self.run_name:
+            return
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            if str(bar.desc).split(" · ")[0] == self.run_name:
+                bar.set_description_str(f"{self.run_name} · val/loss {value:.3f}", refresh=False)
+
 
 @contextmanager
-def live_events(epochs: int | None = None) -> Iterator[EventPrinter]:
+def live_events(epochs: int | None = None, run_name: str | None = None) -> Iterator[EventPrinter]:
     """Attach an EventPrinter to the trainer's events logger for the duration of the block."""
     logger = logging.getLogger(EVENTS_LOGGER)
-    printer = EventPrinter(epochs)
+    printer = EventPrinter(epochs, run_name)
     level = logger.level
     if logger.getEffectiveLevel() > logging.INFO:
         logger.setLevel(logging.INFO)

@@ -75,7 +75,7 @@ def _fit(
 
     before = widget_ids()
     try:
-        with live_events(config.epochs) as events:
+        with live_events(config.epochs, config.run_name) as events:
             trainer = Trainer(config, resume=resume, progress=progress, **task)
             try:
                 results = trainer.fit()
