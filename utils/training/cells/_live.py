@@ -13,7 +13,6 @@ from __future__ import annotations
 import html
 import logging
 import math
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -119,18 +118,6 @@ def live_events(epochs: int | None = None, run_name: str | None = None) -> Itera
         logger.setLevel(level)
 
 
-def _widget_registry() -> dict[Any, Any]:
-    try:
-        from ipywidgets.widgets.widget import _instances
-    except ImportError:
-        return {}
-    return _instances
-
-
-def widget_ids() -> set[Any]:
-    return set(_widget_registry())
-
-
 def _bar_text(container: Any) -> str | None:
     """The text of a tqdm notebook bar (`desc: 100%|██████████| 40/40 [...]`) from its widgets."""
     children = getattr(container, "children", ())
@@ -142,46 +129,39 @@ def _bar_text(container: Any) -> str | None:
     return f"{left.strip()}|{'█' * filled}{' ' * (10 - filled)}|{right}".replace("\u2007", " ")
 
 
-def finish_progress_bars(before: set[Any]) -> list[str]:
-    """Close the tqdm bars created since `before` (widget ids) and return their last state as text lines."""
-    lines = []
-    for key, widget in list(_widget_registry().items()):
-        if key in before or not hasattr(widget, "pbar"):  # tqdm.notebook marks its container with .pbar
-            continue
-        text = _bar_text(widget)
-        if text:
-            lines.append(text)
-        for child in getattr(widget, "children", ()):
-            child.close()
-        widget.close()
-    return lines
-
-
-class Transcript:
-    """A tee of the cell's stdout: everything printed goes through, and is kept to be printed again."""
-
-    def __init__(self, stream: Any) -> None:
-        self.stream, self.parts = stream, []
-
-    def write(self, text: str) -> int:
-        self.parts.append(text)
-        return self.stream.write(text)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.stream, name)
-
-
 @contextmanager
-def recording() -> Iterator[Transcript]:
-    transcript = Transcript(sys.stdout)
-    sys.stdout = transcript
+def bars_end_as_text() -> Iterator[None]:
+    """While the block runs, tqdm's notebook bars are displayed with a display id; when it ends, each is
+    closed and its display replaced by the bar's last state as text. A notebook keeps no widget state, so
+    a saved notebook then shows the finished bar, not "Error displaying widget" (and nothing is cleared:
+    the messages printed around the bar stay where they are)."""
     try:
-        yield transcript
+        import tqdm.notebook as tqdm_notebook
+    except ImportError:
+        yield
+        return
+    original = getattr(tqdm_notebook, "display", None)
+    if original is None:
+        yield
+        return
+    shown: list[tuple[Any, Any]] = []
+
+    def display(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        handle = original(obj, *args, display_id=True, **kwargs)
+        shown.append((handle, obj))
+        return handle
+
+    tqdm_notebook.display = display
+    try:
+        yield
     finally:
-        sys.stdout = transcript.stream
+        tqdm_notebook.display = original
+        for handle, container in shown:
+            text = _bar_text(container)
+            for widget in [*getattr(container, "children", ()), container]:
+                widget.close()
+            if handle is not None and text:
+                handle.update({"text/plain": text}, raw=True)
 
 
 def in_kernel() -> bool:
@@ -191,20 +171,3 @@ def in_kernel() -> bool:
         return False
     shell = get_ipython()
     return shell is not None and hasattr(shell, "kernel")
-
-
-def bars_to_text(before: set[Any], transcript: Transcript) -> None:
-    """Close the progress bars created since `before`; in a kernel, clear the cell's output and print it
-    again with each bar as its final text line, so a saved notebook holds no widget (whose state it does
-    not keep) and shows the finished bar when reopened."""
-    lines = finish_progress_bars(before)
-    if not lines:
-        return
-    if in_kernel():
-        from IPython.display import clear_output
-
-        sys.stdout.flush()
-        clear_output()
-        transcript.stream.write("".join(transcript.parts))
-    for line in lines:
-        print(line)

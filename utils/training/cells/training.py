@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainingConfig
-from ._live import Transcript, bars_to_text, live_events, print_table, recording, widget_ids
+from ._live import bars_end_as_text, live_events, print_table
 from ._namespace import (
     RUN_ACTION,
     SCRATCH_WORKSPACE,
@@ -67,24 +67,18 @@ def _clear_scratch(config: TrainingConfig) -> None:
         print(f"Scratch workspace {show_path(root)}: cleared, so this run starts afresh.")
 
 
-def _fit(
-    config: TrainingConfig, resume: str, progress: bool, task: dict[str, Any], transcript: Transcript
-) -> tuple[dict[str, Any], Any, Any]:
-    """Train; returns (results, the trained model, the event printer). Bars end as text lines."""
+def _fit(config: TrainingConfig, resume: str, progress: bool, task: dict[str, Any]) -> tuple[dict[str, Any], Any, Any]:
+    """Train; returns (results, the trained model, the event printer). The progress bar ends as text."""
     from ..engine.trainer import Trainer
 
-    before = widget_ids()
-    try:
-        with live_events(config.epochs, config.run_name) as events:
-            trainer = Trainer(config, resume=resume, progress=progress, **task)
-            try:
-                results = trainer.fit()
-            finally:
-                runtime = getattr(trainer, "runtime", None)
-                if runtime is not None:
-                    runtime.close()
-    finally:
-        bars_to_text(before, transcript)
+    with bars_end_as_text(), live_events(config.epochs, config.run_name) as events:
+        trainer = Trainer(config, resume=resume, progress=progress, **task)
+        try:
+            results = trainer.fit()
+        finally:
+            runtime = getattr(trainer, "runtime", None)
+            if runtime is not None:
+                runtime.close()
     return results, getattr(trainer, "model", None), events
 
 
@@ -111,11 +105,6 @@ def _report(results: dict[str, Any], said: list[str], rows_shown: bool) -> None:
 @text_output
 def run(ns: dict[str, Any], resume: str | None = None, progress: bool = True) -> None:
     """`resume`: None follows the Parameters cell ("auto" = continue the run when it has a checkpoint)."""
-    with recording() as transcript:
-        _run(ns, resume, progress, transcript)
-
-
-def _run(ns: dict[str, Any], resume: str | None, progress: bool, transcript: Transcript) -> None:
     from ..engine.checkpoint import CheckpointError
     from ..engine.data import CorpusError
     from ..engine.experiment_db import ExperimentDB, ExperimentDBError
@@ -142,7 +131,7 @@ def _run(ns: dict[str, Any], resume: str | None, progress: bool, transcript: Tra
     mode = "continue" if resume == "auto" else f"from exactly {show_path(resume)}"
     print(f"Training run '{config.run_name}' in {show_path(config.workspace_root)} (resume: {mode}) ...")
     try:
-        results, model, events = _fit(config, resume, progress, task, transcript)
+        results, model, events = _fit(config, resume, progress, task)
     except out_of_memory as exc:
         print(f"❌ Training ran out of device memory: {str(exc).splitlines()[0]}")
         print("   Next: pick a smaller preset (or batch_size) in Parameters; the checkpoints on disk are intact.")
