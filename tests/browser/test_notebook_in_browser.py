@@ -33,11 +33,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM}
 
 
 def notebook_copy(folder: Path, name: str, **form: object) -> str:
-    """A copy of training.ipynb with these Parameters form values."""
+    """A copy of training.ipynb with these form values (in whichever cell has the field)."""
     nb = nbformat.read(REPO / "training.ipynb", as_version=4)
-    cell = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
-    for key, value in form.items():
-        cell.source = re.sub(rf"^{key} = .*?(  # @param)", lambda m, k=key, v=value: f"{k} = {json.dumps(v)}{m.group(1)}",
+    for cell, (key, value) in ((c, f) for c in nb.cells if c.cell_type == "code" for f in form.items()):
+        cell.source = re.sub(rf"^{key} = .*?(  # @param)", lambda m, k=key, v=value: f"{k} = {json.dumps(v) if isinstance(v, str) else v!r}{m.group(1)}",
                              cell.source, flags=re.M)  # fmt: skip
     nbformat.write(nb, folder / name)
     return name
@@ -91,7 +90,7 @@ def assert_clean(nb: Notebook, console: list[str], shot: str, cell: int | None =
 def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one story, in order
     page, lab, root, shots, console = (session[k] for k in ("page", "lab", "root", "shots", "console"))
     started = time.monotonic()
-    nb = Notebook(page, lab, notebook_copy(root, "alpha.ipynb", run_name="alpha"), shots)
+    nb = Notebook(page, lab, notebook_copy(root, "alpha.ipynb", run_name="alpha", show_run_picker=True), shots)
 
     # The committed notebook opens unmodified, with no widget error (problem 7).
     nb.open()
@@ -158,6 +157,8 @@ def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one
     nb.run_cell(SETUP)
     nb.run_cell(RECOVERY)
     assert "Recovered run 'beta'" in nb.output(RECOVERY), nb.output(RECOVERY)
+    nb.run_cell(DIAGNOSTIC)  # another cell ran: the picker is now text, so the saved notebook holds no widget
+    assert "picker closed when another cell ran" in nb.output(RECOVERY)
     assert_clean(nb, console, "07-newest-across-locations", RECOVERY)
     nb.save()
     nb.shut_down_and_close()

@@ -199,3 +199,19 @@ def test_problem_6_the_run_s_progress_bar_shows_the_last_validation_loss() -> No
             logging.getLogger(EVENTS_LOGGER).info("epoch", extra={"epoch_row": {"epoch": 2, "val/loss": 2.25}})
         assert bar.desc == "alpha · val/loss 2.250"
         assert [b.desc for b in tqdm._instances if b is not bar] == ["other"]
+
+
+def test_the_runs_are_listed_as_text_unless_the_picker_is_asked_for(runs, tmp_path, capsys) -> None:
+    ws = copy(runs, "alpha", tmp_path / "ws")
+    copy(runs, "beta", ws)
+    ns: dict[str, Any] = {}
+    recovery.picker(ns, checkpoint_directory=str(ws), show=False)
+    out = capsys.readouterr().out
+    assert ns["run_picker"] is None and "3 runs on disk, newest first" in out and "tick show_run_picker" in out
+    assert out.index("'beta'") < out.index("'alpha'") < out.index("'kill_early'")
+    recovery.picker(ns, checkpoint_directory=str(ws))
+    assert [o[0].split()[0] for o in ns["run_picker"].children[1].children[0].options] == [
+        "beta",
+        "alpha",
+        "kill_early",
+    ]

@@ -256,15 +256,24 @@ def _close_picker(ns: dict[str, Any]) -> None:
 
 
 @text_output
-def picker(ns: dict[str, Any], checkpoint_directory: str = "") -> None:
+def picker(ns: dict[str, Any], checkpoint_directory: str = "", show: bool = True) -> None:
     """An optional ipywidgets layer over `run`: the runs on disk in the order Recovery uses, and a button
-    that recovers exactly the chosen run, replacing the recovery output above. Shown only with two or
-    more runs and ipywidgets installed; it never waits for a click. The widget is left in
-    `ns["run_picker"]` (None when none is shown)."""
+    that recovers exactly the chosen run, replacing the recovery output above. Only with two or more
+    runs; with `show` False (the form's default: a saved notebook keeps no widget state) the runs are
+    listed as text instead. It never waits for a click. The widget is left in `ns["run_picker"]` (None
+    when none is shown)."""
     _close_picker(ns)
     ns["run_picker"] = None
     runs = runs_on_disk(ns, checkpoint_directory)
     if len(runs) < 2:
+        return
+    if not show:
+        print(f"{len(runs)} runs on disk, newest first (the order Recovery uses):")
+        for run in runs:
+            print(f"  {_describe(run)}")
+        print(
+            "To recover another: tick show_run_picker and re-run this cell, or set checkpoint_directory to its folder."
+        )
         return
     try:
         import ipywidgets as widgets
