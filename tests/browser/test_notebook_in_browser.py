@@ -36,7 +36,8 @@ def notebook_copy(folder: Path, name: str, **form: object) -> str:
     """A copy of training.ipynb with these form values (in whichever cell has the field)."""
     nb = nbformat.read(REPO / "training.ipynb", as_version=4)
     for cell, (key, value) in ((c, f) for c in nb.cells if c.cell_type == "code" for f in form.items()):
-        cell.source = re.sub(rf"^{key} = .*?(  # @param)", lambda m, k=key, v=value: f"{k} = {json.dumps(v) if isinstance(v, str) else v!r}{m.group(1)}",
+        literal = json.dumps(value) if isinstance(value, str) else repr(value)  # "alpha", True, 0.01
+        cell.source = re.sub(rf"^{key} = .*?(  # @param)", lambda m, k=key, v=literal: f"{k} = {v}{m.group(1)}",
                              cell.source, flags=re.M)  # fmt: skip
     nbformat.write(nb, folder / name)
     return name
