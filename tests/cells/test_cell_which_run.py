@@ -215,3 +215,11 @@ def test_the_runs_are_listed_as_text_unless_the_picker_is_asked_for(runs, tmp_pa
         "alpha",
         "kill_early",
     ]
+
+
+def test_training_after_a_failed_parameters_cell_trains_nothing(tmp_path, capsys) -> None:
+    ns: dict[str, Any] = {}
+    parameters.run(ns, epochs="three", workspace=str(tmp_path / "w"))
+    training.run(ns, progress=False)
+    out = capsys.readouterr().out
+    assert "no plan to train" in out and "results" not in ns and not (tmp_path / "w").exists()

@@ -151,6 +151,7 @@ def run(
         p = plan(ns, run_name, preset, epochs, workspace, **form)
     except ConfigError as exc:
         ns.pop("planned_config", None)
+        ns[RUN_ACTION] = "parameters"  # the Training cell must not fall back to another run or the defaults
         print(f"❌ {exc}.")
         print("   Next: fix the form value (or the TRAINING_* variable) and re-run this cell.")
         return

@@ -48,6 +48,10 @@ def _chosen_config(ns: dict[str, Any]) -> tuple[TrainingConfig, bool, str] | Non
         return recovered, False, "auto"
     if isinstance(ns.get("planned_config"), TrainingConfig):
         return ns["planned_config"], bool(ns.get("scratch_workspace")), str(ns.get("planned_resume") or "auto")
+    if action == "parameters":
+        print("❌ The Parameters cell's last run reported a bad value, so there is no plan to train.")
+        print("   Next: fix the value named there, re-run the Parameters cell, then this cell.")
+        return None
     print("Parameters cell not run: using its defaults.")
     try:
         p = plan(ns, **DEFAULTS)
