@@ -123,15 +123,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_recover(args: argparse.Namespace) -> int:
-    from .engine.recovery import recover
+def recover_for(args: argparse.Namespace) -> dict:
+    """--checkpoint-dir DIR: that folder only; without it, the newest run across the default locations."""
+    from .engine.recovery import DEFAULT_SEARCH_DIRS, recover
+    from .engine.run_search import recover_newest
 
     if args.checkpoint_dir:
-        if not Path(args.checkpoint_dir).exists():
-            raise CliError(f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder that holds the run")
-        results = recover(args.checkpoint_dir, search_dirs=[], run_name=args.run_name)
-    else:
-        results = recover(None, run_name=args.run_name)
+        return recover(args.checkpoint_dir, search_dirs=[], run_name=args.run_name)
+    return recover_newest(DEFAULT_SEARCH_DIRS, run_name=args.run_name)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    if args.checkpoint_dir and not Path(args.checkpoint_dir).exists():
+        raise CliError(f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder that holds the run")
+    results = recover_for(args)
     if args.json:
         print_json(results)
     else:
@@ -177,9 +182,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from .analysis import save_dashboard
-    from .engine.recovery import recover
 
-    results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
+    results = recover_for(args)
     path = save_dashboard(results, args.output)
     print_json({"dashboard": str(path)}) if args.json else print(f"dashboard written to {path}")
     return 0
@@ -187,9 +191,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .analysis import export_metrics_csv, export_steps_csv
-    from .engine.recovery import recover
 
-    results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
+    results = recover_for(args)
     path, rows = export_metrics_csv(results, args.output)
     steps = export_steps_csv(results, Path(path).with_name(Path(path).name.replace("metrics", "steps"))
                              if args.output and "metrics" in Path(args.output).name else None)  # fmt: skip

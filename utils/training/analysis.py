@@ -145,7 +145,13 @@ def _finish(ax, title: str, ylabel: str, drawn: bool, *, legend: bool = True) ->
     ax.set_title(title, fontsize=11, fontweight="bold")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low, high = ax.get_xlim()
+    if drawn and high - low < 3:  # one or two epochs: ticks at whole epochs, with room around the points and bars
+        first, last = math.ceil(low), math.floor(high)
+        ax.set_xticks(range(first, last + 1))
+        ax.set_xlim(first - 0.75, last + 0.75)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
