@@ -176,13 +176,11 @@ def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one
     while not list(run_dir.glob("step-*/MANIFEST.json")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert list(run_dir.glob("step-*/MANIFEST.json")), "no checkpoint before the kill"
-    from utils.training.cells.model_task import trainer_takes_tasks
-
-    if trainer_takes_tasks():  # the trainer that emits live events (utils.training.events)
-        page.wait_for_function(
-            "([i]) => /checkpoint|epoch 1\\//.test(document.querySelectorAll("
-            "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell')[i].innerText)", arg=[TRAINING], timeout=60_000,
-        )  # fmt: skip
+    # Live output: the trainer's events (utils.training.events) reach the cell before the kill.
+    page.wait_for_function(
+        "([i]) => /checkpoint|epoch 1\\//.test(document.querySelectorAll("
+        "'.jp-NotebookPanel:not(.lm-mod-hidden) .jp-CodeCell')[i].innerText)", arg=[TRAINING], timeout=60_000,
+    )  # fmt: skip
     long.screenshot("08-training-before-the-kill", TRAINING)
     os.kill(lab.kernel_pid("long.ipynb"), signal.SIGKILL)
     page.locator(".jp-Dialog-button", has_text="Ok").click(timeout=60_000)

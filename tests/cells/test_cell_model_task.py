@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-
 from utils.training.cells import model_task, training
+from utils.training.engine.lm_task import build_task as byte_lm_builder
 
 
 def test_skipping_the_model_cell_trains_the_default_and_says_so_once(capsys) -> None:
@@ -16,7 +15,7 @@ def test_skipping_the_model_cell_trains_the_default_and_says_so_once(capsys) -> 
 
 
 def test_the_cell_defines_build_task_and_names_the_task(capsys) -> None:
-    ns: dict[str, Any] = {"build_task": model_task.default_build_task()}
+    ns: dict[str, Any] = {"build_task": byte_lm_builder}
     model_task.run(ns)
     assert "the byte-level language model" in capsys.readouterr().out
     ns["build_task"] = lambda config: None
@@ -32,9 +31,8 @@ def test_a_build_task_that_is_not_a_function_is_reported_before_training(make_co
     assert "results" not in ns and not (tmp_path / "checkpoints").exists()
 
 
-@pytest.mark.skipif(not model_task.trainer_takes_tasks(), reason="the trainer of the Task API (issue 9)")
 def test_the_builder_goes_to_the_trainer_with_the_path_the_run_records() -> None:
-    default = model_task.default_build_task()
+    default = byte_lm_builder
     assert model_task.task_arguments({"build_task": default}) == {
         "build_task": default, "task_path": model_task.DEFAULT_TASK_PATH,
     }  # fmt: skip

@@ -240,14 +240,23 @@ def dashboard_figure(results: dict[str, Any]):
     extra_rows = -(-extra // 3)
     best, _ = best_epoch_row(frame, "val/loss", "min")
     rows = 2 + (drift is not None) + extra_rows
-    fig = Figure(figsize=(17, 4.5 * rows + 0.5), layout="constrained")
-    grid = fig.add_gridspec(rows, 12)
-    training_axes = [fig.add_subplot(grid[row, col * 4 : col * 4 + 4]) for row in range(2) for col in range(3)]
-    _training_panels(training_axes, frame, best)
+    height = 4.5 * rows + 0.5
+    fig = Figure(figsize=(17, height))
+    # A fixed layout, not matplotlib's constrained one: that one gives up ("axes sizes collapsed to
+    # zero", a warning in the cell) on some runs' tick labels, and a dashboard must look the same
+    # every time. Margins in inches: the two-line title on top, the x labels below; each row is its
+    # own grid, so the gaps (twin-axis labels included) are a share of a panel's width.
+    outer = fig.add_gridspec(rows, 1, left=0.055, right=0.985, top=1 - 1.1 / height, bottom=0.5 / height, hspace=0.38)
+
+    def row_axes(row: int, columns: int, count: int | None = None) -> list:
+        cells = outer[row].subgridspec(1, columns, wspace=0.42)
+        return [fig.add_subplot(cells[0, i]) for i in range(columns if count is None else count)]
+
+    _training_panels(row_axes(0, 3) + row_axes(1, 3), frame, best)
     if drift is not None:
-        _drift_panels([fig.add_subplot(grid[2, col * 3 : col * 3 + 3]) for col in range(4)], drift)
+        _drift_panels(row_axes(2, 4), drift)
     first = 2 + (drift is not None)
-    extra_axes = [fig.add_subplot(grid[first + i // 3, (i % 3) * 4 : (i % 3) * 4 + 4]) for i in range(extra)]
+    extra_axes = [ax for r in range(extra_rows) for ax in row_axes(first + r, 3, min(3, extra - 3 * r))]
     draw_extra_panels(extra_axes, frame, steps, _finish)
 
     config = results.get("config") or {}

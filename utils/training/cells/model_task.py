@@ -11,8 +11,6 @@ command line can resume the run too), `notebook:build_task` for one defined in t
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
 from typing import Any
 
 from ._namespace import text_output
@@ -22,26 +20,10 @@ NOTEBOOK_TASK_PATH = "notebook:build_task"
 SKIPPED_NOTE = "model_cell_skipped_said"  # the "Model cell not run" note is printed once per kernel
 
 
-def default_build_task() -> Callable[..., Any] | None:
-    """The byte LM's builder, or None where this version of the library has none (its trainer then
-    trains the byte LM itself)."""
-    try:
-        from ..engine.lm_task import build_task
-    except ImportError:
-        return None
-    return build_task
-
-
 def is_default(builder: Any) -> bool:
     return getattr(builder, "__module__", None) == "utils.training.engine.lm_task" and (
         getattr(builder, "__name__", None) == "build_task"
     )
-
-
-def trainer_takes_tasks() -> bool:
-    from ..engine.trainer import Trainer
-
-    return "build_task" in inspect.signature(Trainer).parameters
 
 
 def task_arguments(ns: dict[str, Any]) -> dict[str, Any]:
@@ -53,12 +35,8 @@ def task_arguments(ns: dict[str, Any]) -> dict[str, Any]:
             ns[SKIPPED_NOTE] = True
         return {}
     builder = ns["build_task"]
-    if builder is None:  # the Model cell ran where the library has no separate byte LM builder
-        return {}
     if not callable(builder):
         raise TypeError(f"build_task is a {type(builder).__name__}, not a function config -> Task")
-    if not trainer_takes_tasks():
-        return {}  # this version's trainer has the byte LM built in
     return {"build_task": builder, "task_path": DEFAULT_TASK_PATH if is_default(builder) else NOTEBOOK_TASK_PATH}
 
 
@@ -66,7 +44,7 @@ def task_arguments(ns: dict[str, Any]) -> dict[str, Any]:
 def run(ns: dict[str, Any]) -> None:
     """Say which task the Training cell will train."""
     builder = ns.get("build_task")
-    if builder is None or is_default(builder):
+    if is_default(builder):
         print("Task: the byte-level language model on the Python standard library's source (the default).")
     elif callable(builder):
         print(f"Task: your builder {getattr(builder, '__name__', type(builder).__name__)}(config), recorded in the "
