@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
 		$(VENV)/bin/pip install -q "$(TORCH_PIN)"; \
 	fi
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,hf,lightning,tensorboard,mlflow]'
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
