@@ -20,6 +20,7 @@ from typing import Any
 from .commit import MANIFEST_NAME, CheckpointCorrupt, CheckpointError, read_json, read_small_file
 from .foreign_seals import (
     CKPT_SUFFIX,
+    HF_CHECKPOINT,
     SEAL_SUFFIX,
     check_hf_checkpoint,
     check_lightning_checkpoint,
@@ -32,6 +33,8 @@ SOURCE_OURS = "training-survives"
 SOURCE_HF = "huggingface"
 SOURCE_LIGHTNING = "lightning"
 HF_STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"  # a run folder of ours
+OUR_STEP_DIR = re.compile(r"^step-\d{6,}$")
 LIGHTNING_METRICS = "metrics.csv"
 MAX_STEP_ROWS = 5000
 _EVAL_TIMINGS = {"eval_runtime", "eval_samples_per_second", "eval_steps_per_second"}
@@ -45,15 +48,27 @@ def detect(path: str | os.PathLike) -> tuple[str, Path] | None:
     """(source, run folder) when `path` is a Hugging Face output_dir (or one of its
     `checkpoint-N` folders) or a Lightning log folder; None for anything else (ours included)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.is_dir() or _looks_like_ours(path):
         return None
-    if re.match(r"^checkpoint-\d+$", path.name) and (path / HF_STATE_FILE).exists():
+    if HF_CHECKPOINT.match(path.name) and (path / HF_STATE_FILE).exists():
         return SOURCE_HF, path.parent
     if hf_checkpoints(path):
         return SOURCE_HF, path
     if _lightning_checkpoint_dirs(path):
         return SOURCE_LIGHTNING, path
     return None
+
+
+def _subfolders(path: Path) -> list[Path]:
+    return [p for p in _entries(path) if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+
+
+def _looks_like_ours(path: Path) -> bool:
+    """A workspace, checkpoints/ folder, run folder or step folder of ours (cheap: no deep walk)."""
+    if (path / MANIFEST_NAME).exists() and not HF_CHECKPOINT.match(path.name):
+        return True
+    near = [path, *_subfolders(path), *_subfolders(path / "checkpoints")]
+    return any((p / RUN_FILE).is_file() or OUR_STEP_DIR.match(p.name) for p in near)
 
 
 def read_foreign_run(source: str, run_dir: str | os.PathLike, *, recovered: bool = True) -> dict[str, Any]:
@@ -237,17 +252,17 @@ def _hf_results(output_dir: Path) -> dict[str, Any]:
 
 # -- Lightning -----------------------------------------------------------------------------------
 def _lightning_checkpoint_dirs(root: Path) -> list[Path]:
-    """Folders (root and up to three levels down) that hold `.ckpt` files or their seals."""
-    found = []
-    for depth in range(4):
-        for folder in [root] if depth == 0 else root.glob("/".join(["*"] * depth)):
-            if (
-                folder.is_dir()
-                and not folder.name.startswith(".")
-                and any(p.name.endswith((CKPT_SUFFIX, CKPT_SUFFIX + SEAL_SUFFIX)) for p in _entries(folder))
-            ):
-                found.append(folder)
-    return found
+    """The folders that hold `.ckpt` files or their seals: root, its subfolders, and the
+    `checkpoints/` folders of Lightning's default layout (`lightning_logs/version_N/checkpoints`)."""
+    candidates = dict.fromkeys([root, *_subfolders(root), *root.glob("*/*/checkpoints")])
+    suffixes = (CKPT_SUFFIX, CKPT_SUFFIX + SEAL_SUFFIX)
+    return [
+        folder
+        for folder in candidates
+        if folder.is_dir()
+        and not folder.name.startswith(".")
+        and any(p.name.endswith(suffixes) for p in _entries(folder))
+    ]
 
 
 def _entries(folder: Path) -> list[Path]:
