@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from utils.training.cells import dashboard, recovery
+from utils.training.engine.foreign_runs import load_hint
 from utils.training.engine.recovery import recover
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,6 +53,7 @@ def test_hf_output_dir_gives_the_results_dict(hf_run: dict[str, Path]) -> None:
     assert math.isclose(history[1]["train/loss"], sum(e["loss"] for e in losses[6:]) / 6)
     assert results["best_epoch"] == min(history, key=lambda r: r["val/loss"])["epoch"]
     assert results["config"]["run_name"] == "out"
+    assert "from_pretrained" in load_hint(results) and load_hint({"source": "training-survives"}) is None
     assert results["framework_config"]["model_config"]["n_embd"] == 16  # from config.json, never a pickle
 
 

@@ -99,3 +99,18 @@ def test_a_model_checkpoint_without_dirpath_is_refused(tmp_path: Path) -> None:
                          callbacks=[SealCheckpoints(), ModelCheckpoint()], default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(CheckpointDirNotSet, match="dirpath"):
         trainer.fit(make_lightning_module(), *lightning_loaders())
+
+
+def test_a_background_checkpoint_io_is_refused(tmp_path: Path) -> None:
+    import lightning.pytorch as pl
+    from conftest import lightning_loaders, make_lightning_module
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    from utils.training.integrations.lightning import UnsupportedCheckpointIO
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         plugins=[AsyncCheckpointIO()],
+                         callbacks=[SealCheckpoints(), ModelCheckpoint(dirpath=tmp_path / "c")])  # fmt: skip
+    with pytest.raises(UnsupportedCheckpointIO, match="AsyncCheckpointIO"):
+        trainer.fit(make_lightning_module(), *lightning_loaders())

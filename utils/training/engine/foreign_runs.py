@@ -59,6 +59,24 @@ def detect(path: str | os.PathLike) -> tuple[str, Path] | None:
     return None
 
 
+def load_hint(results: dict[str, Any]) -> str | None:
+    """For a Hugging Face or Lightning run, how to load its weights with its own framework (the
+    notebook's Best model and Inference cells build only tasks of ours); None for our own runs."""
+    path = results.get("best_checkpoint_path") or results.get("checkpoint_path")
+    if results.get("source") == SOURCE_HF:
+        return (
+            f"this is a Hugging Face run: load its weights with transformers, e.g. "
+            f"AutoModelForCausalLM.from_pretrained({str(path)!r}) (safetensors; its seal is checked by "
+            "newest_valid_checkpoint)"
+        )
+    if results.get("source") == SOURCE_LIGHTNING:
+        return (
+            f"this is a Lightning run: load it with YourModule.load_from_checkpoint({str(path)!r}, "
+            "weights_only=True), after newest_valid_checkpoint has checked its seal (Lightning checkpoints are pickles)"
+        )
+    return None
+
+
 def _subfolders(path: Path) -> list[Path]:
     return [p for p in _entries(path) if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
 

@@ -45,9 +45,17 @@ class SealCheckpoints(TrainerCallback):
                 log.warning("checkpoint past the resume step %d set aside (kept) at %s", state.global_step, moved)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        _wait_for_every_rank()  # under torchrun each rank writes its own files (rng_state_R.pth, shards)
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             seal_hf_checkpoint(folder, state.global_step)
+
+
+def _wait_for_every_rank() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def newest_valid_checkpoint(output_dir: str | os.PathLike) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from ..engine.commit import CheckpointCorrupt, CheckpointError
 from ..engine.foreign_seals import (
@@ -36,6 +37,10 @@ log = logging.getLogger(__name__)
 class CheckpointDirNotSet(CheckpointError):
     """A ModelCheckpoint without an explicit dirpath: its folder depends on the logger, so the
     resume could not be told where to look."""
+
+
+class UnsupportedCheckpointIO(CheckpointError):
+    """The trainer's CheckpointIO writes in the background; a seal written after it would vouch for nothing."""
 
 
 class SealingCheckpointIO(CheckpointIO):
@@ -90,6 +95,12 @@ class SealCheckpoints(pl.Callback):
                     "pass ModelCheckpoint(dirpath=...) and give the same folder to newest_valid_checkpoint",
                 )
         strategy = trainer.strategy
+        if isinstance(strategy.checkpoint_io, AsyncCheckpointIO):
+            raise UnsupportedCheckpointIO(
+                os.getcwd(),
+                "AsyncCheckpointIO returns before the file is written, so it cannot be sealed after the write",
+                "drop the AsyncCheckpointIO plugin when using SealCheckpoints",
+            )
         if not isinstance(strategy.checkpoint_io, SealingCheckpointIO):
             strategy.checkpoint_io = SealingCheckpointIO(strategy.checkpoint_io)
 
@@ -103,4 +114,12 @@ def newest_valid_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
     return None if newest is None else str(newest)
 
 
-__all__ = ["CheckpointCorrupt", "CheckpointDirNotSet", "NotSealed", "SealCheckpoints", "newest_valid_checkpoint"]
+__all__ = [
+    "CheckpointCorrupt",
+    "CheckpointDirNotSet",
+    "NotSealed",
+    "SealCheckpoints",
+    "SealingCheckpointIO",
+    "UnsupportedCheckpointIO",
+    "newest_valid_checkpoint",
+]
