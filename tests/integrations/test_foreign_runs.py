@@ -80,6 +80,17 @@ def test_lightning_folder_gives_the_results_dict(lightning_run: Path) -> None:
     assert [r["step"] for r in results["step_history"]] == list(range(1, 9))
 
 
+def test_lightning_dirpath_or_unsealed_run(lightning_run: Path, tmp_path: Path) -> None:
+    run = _copy(lightning_run, tmp_path)
+    results = recover(run / "checkpoints", search_dirs=[])  # the dirpath itself: logs found beside it
+    assert results["step"] == 8 and len(results["metrics_history"]) == 2
+    for seal in (run / "checkpoints").glob("*.manifest.json"):
+        seal.unlink()  # as if trained without SealCheckpoints
+    results = recover(run, search_dirs=[])
+    assert results["sealed"] is False and results["checkpoint_path"].endswith("epoch=1-step=8.ckpt")
+    assert results["step"] == 8 and results["skipped"] == []
+
+
 @pytest.mark.parametrize("which", ["hf", "lightning"])
 def test_recover_cli_json(which: str, hf_run: dict[str, Path], lightning_run: Path) -> None:
     folder = hf_run["output_dir"] if which == "hf" else lightning_run

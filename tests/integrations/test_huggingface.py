@@ -21,6 +21,7 @@ from conftest import HF_CHILD, REPO, run_hf_child  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from utils.training.engine.commit import hash_file  # noqa: E402
+from utils.training.engine.recovery import recover  # noqa: E402
 from utils.training.integrations.huggingface import (  # noqa: E402
     SaveLimitTooLow,
     SealCheckpoints,
@@ -147,3 +148,8 @@ def test_without_the_callback_a_kill_inside_the_save_breaks_the_resume(tmp_path:
     assert not weights.exists()
     # Our lookup passes over the same folder (unsealed) instead of failing.
     assert newest_valid_checkpoint(out) is None
+    # Recovery still reads such a run, from its newest readable trainer state, and says it is unsealed.
+    results = recover(out, search_dirs=[])
+    assert results["checkpoint_path"] == str(out / "checkpoint-3") and results["sealed"] is False
+    assert [s["path"] for s in results["skipped"]] == [str(broken)]
+    assert "trainer_state.json is missing" in results["skipped"][0]["reason"]

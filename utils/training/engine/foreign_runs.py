@@ -197,26 +197,18 @@ def _read_hf_state(folder: Path) -> dict[str, Any]:
 
 
 def _hf_newest(output_dir: Path, skipped: list[dict[str, str]]) -> tuple[Path, dict[str, Any], bool]:
-    """(checkpoint, its trainer state, sealed). Sealed checkpoints first (cheap check); a run
-    with no seal at all (trained without SealCheckpoints) is read from its newest readable state."""
-    unsealed = []
-    for _, folder in hf_checkpoints(output_dir):
+    """(checkpoint, its trainer state, sealed). In a run that seals its checkpoints, the newest
+    whose seal passes the cheap check; in a run with no seal at all (trained without
+    SealCheckpoints), the newest whose trainer_state.json reads. Passed-over ones go to `skipped`."""
+    checkpoints = [folder for _, folder in hf_checkpoints(output_dir)]
+    sealed_run = any((folder / MANIFEST_NAME).exists() for folder in checkpoints)
+    for folder in checkpoints:
         try:
-            check_hf_checkpoint(folder, full=False)
-            return folder, _read_hf_state(folder), True
+            if sealed_run:
+                check_hf_checkpoint(folder, full=False)
+            return folder, _read_hf_state(folder), sealed_run
         except CheckpointCorrupt as exc:
-            if not (folder / MANIFEST_NAME).exists():
-                unsealed.append(folder)
             skipped.append({"path": str(folder), "reason": exc.reason})
-    if len(unsealed) == len(hf_checkpoints(output_dir)):
-        for folder in unsealed:
-            try:
-                state = _read_hf_state(folder)
-            except CheckpointCorrupt as exc:
-                skipped.append({"path": str(folder), "reason": exc.reason})
-                continue
-            skipped[:] = [s for s in skipped if s["path"] != str(folder)]
-            return folder, state, False
     raise NoForeignCheckpoint(
         output_dir,
         "no readable Hugging Face checkpoint (checkpoint-N with a sealed or readable trainer_state.json)",
@@ -349,11 +341,11 @@ def _lightning_newest(root: Path, skipped: list[dict[str, str]]) -> tuple[Path, 
             best = (step, ckpt.name, ckpt)
     if best is not None:
         return best[2], best[0], True
-    unsealed = [c for folder in _lightning_checkpoint_dirs(root) for c in lightning_checkpoints(folder)]
-    unsealed = [c for c in unsealed if not c.with_name(c.name + SEAL_SUFFIX).exists()]
-    if unsealed:  # trained without SealCheckpoints: the newest file, for metadata only
+    files = [c for folder in _lightning_checkpoint_dirs(root) for c in lightning_checkpoints(folder)]
+    unsealed = [c for c in files if not c.with_name(c.name + SEAL_SUFFIX).exists()]
+    if unsealed and len(unsealed) == len(files):  # trained without SealCheckpoints: the newest, metadata only
         newest = max(unsealed, key=lambda p: (p.stat().st_mtime, p.name))
-        skipped[:] = [s for s in skipped if s["path"] != str(newest)]
+        skipped[:] = [s for s in skipped if s["path"] not in {str(c) for c in unsealed}]
         match = re.search(r"step=(\d+)", newest.name)
         return newest, int(match.group(1)) if match else None, False
     raise NoForeignCheckpoint(
@@ -369,6 +361,8 @@ def _lightning_results(root: Path) -> dict[str, Any]:
     epoch_rows: list[dict[str, Any]] = []
     step_rows: list[dict[str, Any]] = []
     metrics_csv = _newest_metrics_csv(root)
+    if metrics_csv is None and checkpoint.parent == root:  # pointed at the dirpath: logs are beside it
+        metrics_csv = _newest_metrics_csv(root.parent)
     if metrics_csv is not None:
         try:
             epoch_rows, step_rows = _read_metrics_csv(metrics_csv)
