@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from conftest import HF_CHILD, REPO, run_hf_child  # noqa: E402
+from frameworks import HF_CHILD, REPO, run_hf_child  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from utils.training.engine.commit import hash_file  # noqa: E402

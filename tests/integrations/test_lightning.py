@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("lightning")
 
-from conftest import fit_lightning  # noqa: E402
+from frameworks import fit_lightning  # noqa: E402
 
 from utils.training.engine.commit import CheckpointCorrupt  # noqa: E402
 from utils.training.integrations.lightning import (  # noqa: E402
@@ -92,7 +92,7 @@ def test_without_the_seal_lightning_crashes_on_a_truncated_checkpoint(tmp_path: 
 
 def test_a_model_checkpoint_without_dirpath_is_refused(tmp_path: Path) -> None:
     import lightning.pytorch as pl
-    from conftest import lightning_loaders, make_lightning_module
+    from frameworks import lightning_loaders, make_lightning_module
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -103,7 +103,7 @@ def test_a_model_checkpoint_without_dirpath_is_refused(tmp_path: Path) -> None:
 
 def test_a_background_checkpoint_io_is_refused(tmp_path: Path) -> None:
     import lightning.pytorch as pl
-    from conftest import lightning_loaders, make_lightning_module
+    from frameworks import lightning_loaders, make_lightning_module
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
