@@ -114,3 +114,22 @@ def test_a_background_checkpoint_io_is_refused(tmp_path: Path) -> None:
                          callbacks=[SealCheckpoints(), ModelCheckpoint(dirpath=tmp_path / "c")])  # fmt: skip
     with pytest.raises(UnsupportedCheckpointIO, match="AsyncCheckpointIO"):
         trainer.fit(make_lightning_module(), *lightning_loaders())
+
+
+class Opaque:
+    """Not a tensor nor a plain type: building it back would need the pickle machinery."""
+
+
+def test_a_sealed_checkpoint_that_needs_pickle_to_load_is_refused(tmp_path: Path) -> None:
+    from lightning.fabric.plugins import TorchCheckpointIO
+
+    from utils.training.integrations.lightning import SealingCheckpointIO, UnsafeCheckpoint
+
+    io = SealingCheckpointIO(TorchCheckpointIO())
+    path = tmp_path / "c" / "epoch=0-step=1.ckpt"
+    io.save_checkpoint({"global_step": 1, "state_dict": {}, "extra": Opaque()}, path)
+    assert newest_valid_checkpoint(tmp_path / "c") == str(path)  # sealed and intact ...
+    with pytest.raises(UnsafeCheckpoint, match="weights_only=True"):  # ... but never unpickled
+        io.load_checkpoint(path)
+    io.remove_checkpoint(path)
+    assert not path.exists() and not path.with_name(path.name + ".manifest.json").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,10 @@ class CheckpointDirNotSet(CheckpointError):
 
 class UnsupportedCheckpointIO(CheckpointError):
     """The trainer's CheckpointIO writes in the background; a seal written after it would vouch for nothing."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A sealed checkpoint that would run code to load: torch.load(weights_only=True) refused it."""
 
 
 class SealingCheckpointIO(CheckpointIO):
@@ -72,7 +77,15 @@ class SealingCheckpointIO(CheckpointIO):
                 "written by this run, and Lightning checkpoints are pickles",
                 "pass ckpt_path=newest_valid_checkpoint(dirpath) to resume from a sealed checkpoint",
             ) from exc
-        return self.inner.load_checkpoint(path, map_location=map_location, weights_only=True)
+        try:
+            return self.inner.load_checkpoint(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise UnsafeCheckpoint(
+                path,
+                f"it holds objects that torch.load(weights_only=True) refuses to build ({exc})",
+                "keep tensors and plain types in the checkpoint (hyperparameters as a dict), "
+                "or load it yourself without SealCheckpoints if you trust where it came from",
+            ) from exc
 
     def remove_checkpoint(self, path: Any) -> None:
         remove_seal(path)
@@ -120,6 +133,7 @@ __all__ = [
     "NotSealed",
     "SealCheckpoints",
     "SealingCheckpointIO",
+    "UnsafeCheckpoint",
     "UnsupportedCheckpointIO",
     "newest_valid_checkpoint",
 ]
