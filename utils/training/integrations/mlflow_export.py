@@ -43,6 +43,7 @@ def default_tracking_uri(workspace_root: str | os.PathLike) -> str:
 def _client(tracking_uri: str) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # no "creating tables" chatter on the console
     try:
         from mlflow.tracking import MlflowClient
     except ImportError as exc:
