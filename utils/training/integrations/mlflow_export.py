@@ -107,10 +107,10 @@ def _metric_points(results: dict[str, Any]) -> list[tuple[str, float, int, int]]
 def export_run(results: dict[str, Any], tracking_uri: str | None = None) -> dict[str, Any]:
     """Log one results dict (ours, or a Hugging Face / Lightning run's) to MLflow. Returns
     {"tracking_uri", "experiment_id", "mlflow_run_id", "created", "metrics_logged", "metrics_already_there"}."""
+    uri = tracking_uri or default_tracking_uri(results["workspace_root"])
+    client = _client(uri)  # first: it sets MLflow's environment before MLflow is imported
     from mlflow.entities import Metric, Param
 
-    uri = tracking_uri or default_tracking_uri(results["workspace_root"])
-    client = _client(uri)
     experiment_id = _experiment_id(client, uri, results["workspace_root"])
     identity = _identity(results)
     run = _find_run(client, experiment_id, identity)
