@@ -49,6 +49,7 @@ def test_export_to_the_default_sqlite_store_twice(workspace_copy: Path) -> None:
     assert (workspace_copy / "mlflow.db").is_file()
 
     results = recover(workspace_copy, search_dirs=[])
+    assert results["source"] == "training-survives"
     client, run = _only_run(report["tracking_uri"])
     assert run.info.run_id == report["mlflow_run_id"] and run.info.run_name == results["run_name"]
     assert run.data.tags[TAG_RUN_ID] == str(results["run_id"])
