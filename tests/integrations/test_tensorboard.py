@@ -82,3 +82,14 @@ def test_config_setting_and_cli_flag() -> None:
     assert build_config(make_parser().parse_args(["train"])).tensorboard is False
     with pytest.raises(ConfigError, match="tensorboard"):
         TrainingConfig(tensorboard="yes")
+
+
+def test_tensorboard_for_a_config(tmp_path: Path) -> None:
+    from utils.training.config import TrainingConfig
+    from utils.training.integrations.tensorboard import tensorboard_for
+
+    assert tensorboard_for(TrainingConfig(workspace_root=str(tmp_path)), start_step=0) is None
+    config = TrainingConfig(workspace_root=str(tmp_path), run_name="r", tensorboard=True)
+    with tensorboard_for(config, start_step=3) as tb:
+        tb.log_step(4, {"train/loss": 1.0})
+    assert _read(tmp_path / "tensorboard" / "r", "step/train/loss") == [(4, 1.0)]

@@ -83,6 +83,14 @@ class TensorBoardLogger:
         self.close()
 
 
+def tensorboard_for(config: Any, *, start_step: int) -> TensorBoardLogger | None:
+    """The run's logger when `config.tensorboard` is on (None when off): what the trainer opens on
+    the main process once it knows the step it starts from (0, or the resumed/branch checkpoint's)."""
+    if not getattr(config, "tensorboard", False):
+        return None
+    return TensorBoardLogger.for_run(config.workspace_root, config.run_name, start_step=start_step)
+
+
 class TensorBoardEvents(logging.Handler):
     """Feeds a TensorBoardLogger from the trainer's live events: each INFO record on
     "utils.training.events" with `extra={"epoch_row": row}` (or `{"step_row": row}`)."""
