@@ -65,8 +65,10 @@ class TrainingConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     epochs: int = 2
-    steps_per_epoch: int = 20
-    eval_batches: int = 4
+    steps_per_epoch: int = 20  # 0 = one full pass over the training data
+    eval_batches: int = 4  # 0 = a full validation pass
+    log_every_steps: int = 10  # a steps.jsonl line every N steps; 0 = none
+    task_options: dict[str, Any] = field(default_factory=dict)  # a task's own settings, passed to its builder
 
     # Checkpoints.
     save_every_steps: int = 0  # 0 = only at epoch ends (and by time)
@@ -156,8 +158,14 @@ class TrainingConfig:
         need(is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", "a number in [0, 1)")
         need(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables)")
         need(is_int(self.epochs) and 1 <= self.epochs <= 100_000, "epochs", "an integer in [1, 100000]")
-        need(is_int(self.steps_per_epoch) and self.steps_per_epoch >= 1, "steps_per_epoch", "an integer >= 1")
-        need(is_int(self.eval_batches) and self.eval_batches >= 1, "eval_batches", "an integer >= 1")
+        need(
+            is_int(self.steps_per_epoch) and self.steps_per_epoch >= 0,
+            "steps_per_epoch",
+            "an integer >= 0 (0 = one full pass over the data)",
+        )
+        need(is_int(self.eval_batches) and self.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = all)")
+        need(is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0 (0 = off)")
+        need(isinstance(self.task_options, dict), "task_options", "a JSON object (dict) of the task's own settings")
         need(
             is_int(self.save_every_steps) and self.save_every_steps >= 0,
             "save_every_steps",
