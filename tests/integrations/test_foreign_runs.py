@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from utils.training.cells import dashboard, recovery
+from utils.training.cells import dashboard, inference, recovery
 from utils.training.engine.foreign_runs import load_hint
 from utils.training.engine.recovery import recover
 
@@ -116,7 +116,7 @@ def test_reading_foreign_runs_imports_no_torch(hf_run: dict[str, Path], lightnin
 
 
 @pytest.mark.parametrize("which", ["hf", "lightning"])
-def test_recovery_and_dashboard_cells(which: str, hf_run: dict[str, Path], lightning_run: Path, tmp_path: Path,
+def test_recovery_dashboard_and_inference_cells(which: str, hf_run: dict[str, Path], lightning_run: Path, tmp_path: Path,
                                       capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     folder = _copy(hf_run["output_dir"] if which == "hf" else lightning_run, tmp_path)
     ns: dict[str, Any] = {}
@@ -131,5 +131,10 @@ def test_recovery_and_dashboard_cells(which: str, hf_run: dict[str, Path], light
         dashboard.run(ns, show=False)
         assert "Dashboard of run" in capsys.readouterr().out
         assert Path(ns["dashboard_path"]).stat().st_size > 10_000
+        inference.run(ns)  # it names the framework's own loader instead of failing on a foreign checkpoint
+        out = capsys.readouterr().out
+        assert "❌" not in out and "best_model" not in ns, out
+        assert ("from_pretrained" if which == "hf" else "load_from_checkpoint") in out
+        assert ns["results"]["checkpoint_path"] in out or str(ns["results"]["best_checkpoint_path"]) in out
     finally:
         ns["db"].close()
