@@ -85,3 +85,21 @@ def test_a_killed_and_resumed_run_has_each_step_once_in_tensorboard(tmp_path: Pa
         epoch_events = events.Scalars(tag)
         assert [e.step for e in epoch_events] == [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
         assert [e.value for e in epoch_events] == pytest.approx([r[tag] for r in epoch_rows], rel=1e-6)
+
+
+def test_with_the_setting_off_tensorboard_is_not_imported(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(Path(os.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    code = (
+        "import sys\n"
+        "from utils.training.config import TrainingConfig\n"
+        "from utils.training.engine.trainer import train\n"
+        f"config = TrainingConfig.from_preset('tiny', corpus={str(corpus)!r}, workspace_root={str(tmp_path / 'ws')!r},\n"
+        "                                     run_name='off', epochs=1, steps_per_epoch=4, device='cpu')\n"
+        "assert train(config, progress=False)['completed']\n"
+        "loaded = [m for m in sys.modules if 'tensorboard' in m]\n"
+        "assert not loaded, loaded\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (tmp_path / "ws" / "tensorboard").exists()
