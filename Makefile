@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
 		$(VENV)/bin/pip install -q "$(TORCH_PIN)"; \
 	fi
-	$(VENV)/bin/pip install -q -e '.[dev,examples]'
+	$(VENV)/bin/pip install -q -e '.[dev,hf,lightning,tensorboard,mlflow,examples]'
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 --display-name "Python 3" >/dev/null
 	touch $(STAMP)
 

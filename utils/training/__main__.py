@@ -71,6 +71,7 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         "async_save": {"async": True, "sync": False}.get(args.save_mode),
         "on_save_error": args.on_save_error,
         "distributed_strategy": args.strategy,
+        "tensorboard": args.tensorboard,
         "batch_size": getattr(args, "batch_size", None),
         "log_every_steps": getattr(args, "log_every_steps", None),
     }
@@ -193,6 +194,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .analysis import export_metrics_csv, export_steps_csv
 
     results = recover_for(args)
+    if getattr(args, "mlflow", None) is not None:
+        return _export_mlflow(results, args)
     path, rows = export_metrics_csv(results, args.output)
     steps = export_steps_csv(results, Path(path).with_name(Path(path).name.replace("metrics", "steps"))
                              if args.output and "metrics" in Path(args.output).name else None)  # fmt: skip
@@ -203,6 +206,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{rows} row(s) written to {path}")
         if steps:
             print(f"{steps[1]} step row(s) written to {steps[0]}")
+    return 0
+
+
+def _export_mlflow(results: dict[str, Any], args: argparse.Namespace) -> int:
+    from .integrations.mlflow_export import MlflowUnavailable, export_run
+
+    try:
+        report = export_run(results, args.mlflow or None)
+    except MlflowUnavailable as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        print_json(report)
+    else:
+        print(f"run {results['run_name']} -> MLflow run {report['mlflow_run_id']} at {report['tracking_uri']}: "
+              f"{report['metrics_logged']} metric value(s) logged, {report['metrics_already_there']} already there")  # fmt: skip
     return 0
 
 
@@ -231,6 +249,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-mode", choices=["async", "sync"])
     t.add_argument("--on-save-error", choices=["stop", "continue"])
     t.add_argument("--strategy", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
+    t.add_argument("--tensorboard", action="store_true", default=None,
+                   help="log step and epoch metrics to <workspace>/tensorboard/<run> (needs tensorboard)")  # fmt: skip
     t.add_argument("--json", action="store_true", help="print the results dict as JSON on stdout")
     t.set_defaults(func=cmd_train)
 
@@ -254,6 +274,9 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-name")
         p.add_argument("--output", help="file to write (default <workspace>/results/<run_name>_...)")
         p.add_argument("--json", action="store_true")
+        if name == "export":
+            p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                           help="log the run to MLflow instead (default URI sqlite:///<workspace>/mlflow.db)")  # fmt: skip
         p.set_defaults(func=func)
     return parser
 

@@ -80,6 +80,9 @@ class TrainingConfig:
     async_save: bool = True  # copy state to CPU buffers, write in a background thread
     on_save_error: str = "stop"  # "stop" raises; "continue" logs and trains on
 
+    # Logging.
+    tensorboard: bool = False  # step and epoch metrics as event files in <workspace>/tensorboard/<run>
+
     # Hardware.
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: str = "auto"  # auto (bf16/fp16 AMP on CUDA, fp32 elsewhere) | fp32 | bf16 | fp16
@@ -183,6 +186,7 @@ class TrainingConfig:
         need(self.monitor_mode in ("min", "max"), "monitor_mode", "'min' or 'max'")
         need(isinstance(self.async_save, bool), "async_save", "true or false")
         need(self.on_save_error in ("stop", "continue"), "on_save_error", "'stop' or 'continue'")
+        need(isinstance(self.tensorboard, bool), "tensorboard", "true or false")
         device_ok = isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "cuda", "mps")
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())

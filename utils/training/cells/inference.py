@@ -15,10 +15,14 @@ def run(ns: dict[str, Any], prompt: str = "def ", max_new_tokens: int = 200, see
     from ..analysis import generate_text, load_model
     from ..config import ConfigError
     from ..engine.commit import CheckpointCorrupt
+    from ..engine.foreign_runs import load_hint
 
     if not check(ns, ["results"], cell="Inference"):
         return
     results = ns["results"]
+    if (hint := load_hint(results)) is not None:  # a Hugging Face or Lightning run: its framework loads it
+        print(f"ℹ️ The Inference cell samples only from runs of the Training cell; {hint}.")
+        return
     path = ns.get("best_checkpoint_path") or results.get("best_checkpoint_path") or results.get("checkpoint_path")
     if not path:
         print("❌ The results name no checkpoint. Next: run the Recovery cell to read the run from disk.")

@@ -163,9 +163,12 @@ def bytes_digest(raw: bytes) -> str:
     return hasher.hexdigest()
 
 
-def write_manifest(folder: Path, files: dict[str, dict[str, Any]], **fields: Any) -> None:
-    """Write MANIFEST.json sealed with the hash of its own bytes (taken with the hash field
-    zeroed), so that any flipped byte in it is caught, even one that leaves valid JSON."""
+def write_manifest(
+    folder: Path, files: dict[str, dict[str, Any]], *, manifest_name: str = MANIFEST_NAME, **fields: Any
+) -> None:
+    """Write MANIFEST.json (or `manifest_name`, for a seal beside a single file) sealed with the
+    hash of its own bytes (taken with the hash field zeroed), so that any flipped byte in it is
+    caught, even one that leaves valid JSON."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "hash_algorithm": HASH_ALGORITHM,
@@ -176,7 +179,7 @@ def write_manifest(folder: Path, files: dict[str, dict[str, Any]], **fields: Any
     }
     raw = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
     raw = raw.replace(_hash_field(_UNSEALED), _hash_field(bytes_digest(raw).encode()), 1)
-    writer = HashingWriter(folder / MANIFEST_NAME)
+    writer = HashingWriter(folder / manifest_name)
     try:
         writer.write(raw)
     except BaseException:
@@ -279,11 +282,12 @@ def _safe_member(folder: Path, name: Any) -> Path:
     return folder.joinpath(*parts)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    """Parse and validate MANIFEST.json (structure only; sizes and hashes are checked elsewhere)."""
+def read_manifest(folder: Path, manifest_name: str = MANIFEST_NAME) -> dict[str, Any]:
+    """Parse and validate MANIFEST.json, or the seal `manifest_name` in `folder` (structure
+    only; sizes and hashes are checked elsewhere)."""
     folder = Path(folder)
-    raw = read_small_file(folder / MANIFEST_NAME, MANIFEST_NAME)
-    manifest = parse_json(folder / MANIFEST_NAME, MANIFEST_NAME, raw)
+    raw = read_small_file(folder / manifest_name, manifest_name)
+    manifest = parse_json(folder / manifest_name, manifest_name, raw)
     if not isinstance(manifest, dict):
         raise CheckpointCorrupt(folder, "manifest is not a JSON object")
     version = manifest.get("format_version")
@@ -304,7 +308,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointCorrupt(folder, "manifest lists no files")
     for name, entry in files.items():
         _safe_member(folder, name)
-        if name == MANIFEST_NAME:
+        if name in (MANIFEST_NAME, manifest_name):
             raise CheckpointCorrupt(folder, "manifest lists itself")
         if not isinstance(entry, dict):
             raise CheckpointCorrupt(folder, f"manifest entry for {name!r} is not an object")
@@ -315,8 +319,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise CheckpointCorrupt(folder, f"manifest entry for {name!r} has no valid hash")
     if version >= 2 and not _is_sealed(raw, manifest):
         raise CheckpointCorrupt(
-            folder / MANIFEST_NAME,
-            "MANIFEST.json does not match its own hash (corrupted bytes)",
+            folder / manifest_name,
+            f"{manifest_name} does not match its own hash (corrupted bytes)",
             "this checkpoint is damaged; use an older one",
         )
     return manifest

@@ -241,15 +241,21 @@ class Trainer:
         loaded = self._find_checkpoint()
         ts = self._build_state(loaded)
         steps_log: StepsLog | None = None
+        tb: Any = None  # the TensorBoard writer when config.tensorboard is on
         status = "failed"
         try:
             if rt.is_main:
                 self._prepare_run_folder(ts, resumed=loaded is not None)
                 steps_log = StepsLog(run_dir / STEPS_FILE)
+                if self.config.tensorboard:  # tensorboard is imported only when it is on
+                    from ..integrations.tensorboard import tensorboard_for
+
+                    tb = tensorboard_for(self.config, start_step=ts.progress.step)
             ts.progress.run_id = rt.broadcast_object(ts.progress.run_id)
             ts.manager = self._manager(run_dir)
             loop = Loop(ts, runtime=rt, stop=stop, autocast=self._autocast, say=self._say,
-                        on_save_error=self._handle_save_error, steps_log=steps_log, progress=self.progress)  # fmt: skip
+                        on_save_error=self._handle_save_error, steps_log=steps_log, progress=self.progress,
+                        tensorboard=tb)  # fmt: skip
             status = loop.run()
             if ts.manager is not None:
                 ts.manager.close()
@@ -260,6 +266,8 @@ class Trainer:
         finally:
             if steps_log is not None:
                 steps_log.close()
+            if tb is not None:
+                tb.close()
             self._finish_db(ts, status)
         rt.barrier()
         results = build_results(run_dir, recovered=False)
