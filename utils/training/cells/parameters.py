@@ -96,7 +96,7 @@ OVERRIDES = (("run_name", "TRAINING_RUN_NAME"), ("preset", "TRAINING_PRESET"), (
 
 def plan(ns: dict[str, Any], run_name: str, preset: str, epochs: int | str, workspace: str, *,
          save_every_minutes: float | str = 5, keep_last: int | str = 3, seed: int | str = 1337,
-         data_path: str = "", resume: str = CONTINUE) -> Plan:  # fmt: skip
+         data_path: str = "", resume: str = CONTINUE, tensorboard: bool = False) -> Plan:  # fmt: skip
     """The config the form and the overrides describe. Raises ConfigError naming a bad value."""
     notes = []
     values: dict[str, Any] = {"run_name": run_name, "preset": preset, "epochs": epochs}
@@ -131,6 +131,7 @@ def plan(ns: dict[str, Any], run_name: str, preset: str, epochs: int | str, work
     config = TrainingConfig.from_preset(
         values["preset"], run_name=name, epochs=epochs_value, workspace_root=root, save_every_seconds=save_seconds,
         keep_last=_whole("keep_last", keep_last), seed=_whole("seed", seed), corpus=str(data_path).strip() or None,
+        tensorboard=bool(tensorboard),
     )  # fmt: skip
     config.validate()
     trainer_resume = "auto" if choice in (CONTINUE, NEW_RUN) else str(Path(choice).expanduser())
@@ -146,7 +147,7 @@ def run(
     workspace: str = DEFAULTS["workspace"],
     **form: Any,
 ) -> None:
-    """`form`: save_every_minutes, keep_last, seed, data_path, resume (see `plan`)."""
+    """`form`: save_every_minutes, keep_last, seed, data_path, resume, tensorboard (see `plan`)."""
     try:
         p = plan(ns, run_name, preset, epochs, workspace, **form)
     except ConfigError as exc:
@@ -166,6 +167,9 @@ def run(
     print(f"  data: {show_path(cfg.corpus) if cfg.corpus else 'the Python standard library (no download)'}")
     print(f"  checkpoints go to {show_path(cfg.run_dir)}: saved {saves}at each epoch end, the last "
           f"{cfg.keep_last or 'all'} kept (and the best)")  # fmt: skip
+    if cfg.tensorboard:
+        print(f"  TensorBoard: events in {show_path(Path(cfg.workspace_root) / 'tensorboard')} "
+              "(in Colab: %load_ext tensorboard, then %tensorboard --logdir with that folder)")  # fmt: skip
     if not p.scratch and p.resume == "auto" and (note := _schedule_note(cfg)):
         print(f"  ⚠️ {note}")
     print("Next: the Model cell, then Training (it continues this run when it already has a checkpoint).")
