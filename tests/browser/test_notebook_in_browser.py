@@ -101,7 +101,8 @@ def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one
     # Run All: the trained model is kept by Recovery straight after Training, nothing recorded (problem 5).
     nb.run_all()
     assert "✅ Run 'alpha'" in nb.output(TRAINING)
-    assert re.search(r"alpha: 100%\|█+\| 40/40", nb.output(TRAINING)), "no finished progress bar as text"
+    # The finished bar stays as text, with the last validation loss on it (problems 6, 7).
+    assert re.search(r"alpha · val/loss \d+\.\d+: 100%\|█+\| 40/40", nb.output(TRAINING)), "no finished bar as text"
     assert "Recovered run 'alpha'" in nb.output(RECOVERY) and "nothing recorded" in nb.output(RECOVERY)
     assert "✅ model" in nb.output(DIAGNOSTIC)
     assert_clean(nb, console, "02-run-all", TRAINING)
@@ -111,7 +112,7 @@ def test_the_notebook_as_a_user_runs_it(session) -> None:  # noqa: PLR0915 - one
     assert not nb.dirty()
     nb.shut_down_and_close()
     nb.open()
-    assert "alpha: 100%" in nb.output(TRAINING)
+    assert re.search(r"alpha · val/loss \d+\.\d+: 100%", nb.output(TRAINING))
     assert_clean(nb, console, "03-saved-and-reopened", RECOVERY)
 
     # A newer run appears (problem 2): after a restart, Parameters' run alpha is recovered, not beta.
