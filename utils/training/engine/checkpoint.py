@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .commit import (
+from .commit import (  # noqa: F401 - CheckpointError and the prefixes are re-exported
     MANIFEST_NAME,
     TEMP_PREFIX,
     TRASH_PREFIX,
@@ -35,6 +34,13 @@ from .commit import (
     write_json_file,
     write_manifest,
 )
+from .layout import (  # noqa: F401 - the listing lives in layout.py (no torch); re-exported here
+    STEP_DIR,
+    NoCheckpointFound,
+    list_checkpoints,
+    list_leftovers,
+    step_dir_name,
+)
 from .serialization import (
     MODEL_FILE,
     STATE_FILE,
@@ -47,38 +53,6 @@ from .serialization import (
 from .trainer_state import TRAINER_FILE, read_trainer_state
 
 log = logging.getLogger(__name__)
-
-STEP_DIR = re.compile(r"^step-(\d{6,})$")
-
-
-class NoCheckpointFound(CheckpointError):
-    """No folder that passes the check exists where we looked."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"step-{step:06d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Committed-looking step folders of a run, newest first (temp and trash folders excluded)."""
-    found = []
-    try:
-        entries = list(Path(run_dir).iterdir())
-    except OSError:
-        return []
-    for entry in entries:
-        match = STEP_DIR.match(entry.name)
-        if match:
-            found.append((int(match.group(1)), entry))
-    return sorted(found, reverse=True)
-
-
-def list_leftovers(run_dir: Path) -> list[Path]:
-    """Temp folders of saves that never finished, and trash of interrupted deletes."""
-    try:
-        return sorted(p for p in Path(run_dir).iterdir() if p.name.startswith((TEMP_PREFIX, TRASH_PREFIX)))
-    except OSError:
-        return []
 
 
 # -- serialisation ------------------------------------------------------------------------

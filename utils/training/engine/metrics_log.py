@@ -52,3 +52,14 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
             rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
+
+
+def drift_history(metrics_history: list[dict]) -> list[dict]:
+    """The drift metrics of each epoch, as the dashboard's drift panels take them: derived from
+    the metrics rows (which carry them), so the checkpoint stores them once."""
+    history = []
+    for row in metrics_history:
+        drift = {k: v for k, v in row.items() if k.startswith("drift/")}
+        if drift:
+            history.append({"epoch": row.get("epoch"), "step": row.get("step"), **drift})
+    return history

@@ -12,11 +12,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
-from .drift import drift_history
-from .metrics_log import METRICS_FILE, read_metrics_log
-from .trainer_state import read_trainer_state
+from .layout import NoCheckpointFound, list_checkpoints, list_leftovers
+from .metrics_log import METRICS_FILE, drift_history, read_metrics_log
+from .trainer_state import TRAINER_FILE, read_trainer_state
 
 RUN_FILE = "run.json"
 DEFAULT_SEARCH_DIRS = (
