@@ -265,9 +265,9 @@ def train_steps(
     first_step: int = 0,
     saves: int = 0,
 ) -> float:
-    """Seconds for `steps` training steps; with a manager, `saves` saves, one every `save_every` steps
-    (the last one `save_every` steps or more before the end). The wait for the last save to finish
-    is inside the timed loop: everything a save costs the loop is counted."""
+    """Seconds for `steps` training steps; with a manager, `saves` saves, after steps 1, 1 + save_every,
+    ... (the last one `save_every` steps before the end). The wait for the last save to finish is
+    inside the timed loop: everything a save costs the loop is counted."""
     start = time.perf_counter()
     for s in range(1, steps + 1):
         model(batch).square().mean().backward()
@@ -275,7 +275,7 @@ def train_steps(
             manager.wait_for_snapshot()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if manager is not None and s % save_every == 0 and s // save_every <= saves:
+        if manager is not None and (s - 1) % save_every == 0 and (s - 1) // save_every < saves:
             save_once(manager, first_step + s, model, optimizer)
     if manager is not None:
         manager.wait_until_finished()
@@ -290,7 +290,7 @@ def bench_async_loop(
     model, optimizer = build_state(state_mib, width)
     n_bytes = state_bytes(model, optimizer)
     batch = torch.randn(batch_rows, width)
-    every = max(1, steps // (saves + 1))
+    every = max(1, steps // saves)
     managers = {
         "with_saves": _manager(workdir / "kept", async_save=True),
         "released": _manager(workdir / "released", async_save=True, release_buffers=True),

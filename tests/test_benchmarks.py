@@ -114,3 +114,28 @@ def test_cli_names_an_unknown_group(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--quick", "--only", "save,nope"])
     assert exc.value.code == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_peer_benchmark_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("lightning")
+    pytest.importorskip("transformers")
+    from benchmarks.peers.__main__ import main as peers_main
+
+    assert (
+        peers_main(
+            ["--state-mib", "1", "--width", "128", "--repeats", "1", "--loop-steps", "4", "--saves", "1", "--json"]
+        )
+        == 0
+    )
+    results = json.loads(capsys.readouterr().out)
+    assert len(results["durable_save"]["frameworks"]) == 5
+    assert set(results["async_loop_loss"]["frameworks"]) == {
+        "training-survives (async)",
+        "DCP async_save",
+        "Lightning AsyncCheckpointIO",
+    }
+    truncated = results["truncated_newest"]
+    assert truncated["training-survives"]["outcome"] == "resumed"  # it passes over the damaged newest
+    assert truncated["training-survives"]["from"].startswith("step-000001")
+    assert len(results["recovery_scan"]) == 4

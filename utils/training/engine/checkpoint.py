@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,24 +107,6 @@ def copies_non_blocking(src: torch.Tensor, *, copy_cpu: bool) -> bool:
     return src.device.type != "cpu" and copy_cpu
 
 
-# Nice value added to the threads that write a background save: on a busy machine the training
-# thread gets the CPU first, and the writer runs when it waits (a save is rare, a step is not).
-WRITER_NICE_INCREMENT = 19
-
-
-def lower_this_thread_priority(increment: int = WRITER_NICE_INCREMENT) -> bool:
-    """Raise the calling thread's nice value; Linux applies it to this thread alone (elsewhere the
-    same call would reach the whole process, so nothing is done). Returns whether it changed."""
-    if not sys.platform.startswith("linux") or not hasattr(os, "setpriority"):
-        return False
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-        return True
-    except OSError:  # a sandbox that refuses it: the save is only less polite
-        return False
-
-
 @dataclass
 class Snapshot:
     step: int
@@ -147,7 +127,6 @@ class _BackgroundClose:
         self._thread.start()
 
     def _close(self, writer: HashingWriter) -> None:
-        lower_this_thread_priority()
         try:
             self._result = writer.close()
         except BaseException as exc:  # raised on the writing thread by result()
@@ -393,7 +372,6 @@ class CheckpointManager:
             return
         finally:
             self._snapshot_taken.set()
-        lower_this_thread_priority()  # the loop no longer waits on this thread: let it go first
         self._commit(snap)
 
     def wait_for_snapshot(self) -> None:

@@ -115,13 +115,13 @@ def _torch_save(state: dict[str, Any], writer: HashingWriter) -> None:
 
 
 def read_training_state(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a training state written by either format. A `.safetensors` file is read only as
-    safetensors + JSON; any other name (`training_state.pt` of format-2 checkpoints, distributed
-    rank files) by its content: a zip through `torch.load(weights_only=True)`, else safetensors."""
+    """Load a training state written by either format, told apart by content (a save that fell back
+    to torch.save, a distributed rank file, `training_state.pt` of format 2): a zip only through
+    `torch.load(weights_only=True)`, anything else only as safetensors + its JSON structure."""
     try:
         with open(path, "rb") as f:
             magic = f.read(4)
-        if path.suffix != ".safetensors" and magic == ZIP_MAGIC:
+        if magic == ZIP_MAGIC:
             return torch.load(path, map_location=map_location, weights_only=True)
         return _read_safetensors_state(path, map_location)
     except OSError:
