@@ -25,7 +25,9 @@ def truncate_largest(path: Path) -> str:
 def _outcome(resume: Any) -> dict[str, Any]:
     try:
         used = resume()
-    except Exception as exc:  # what the user sees is the point: record it
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # what the user sees is the point (DCP's CheckpointException is a BaseException)
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         return {"outcome": "error", "error": f"{type(exc).__name__}: {first}"}
     return {"outcome": "resumed", "from": used}
