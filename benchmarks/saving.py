@@ -171,6 +171,7 @@ def bench_save(workdir: Path, state_mib: float, width: int, repeats: int) -> dic
         order = ["async", "sync", "raw", "compute"]
         for kind in order[r % 4 :] + order[: r % 4]:
             step += 1
+            os.sync()  # untimed: no write-back left over from the item before (deleted folders, journal)
             if kind == "raw":
                 got["raw"] = raw_checkpoint_seconds(raw_dir, payloads)
             elif kind == "compute":
@@ -247,7 +248,8 @@ def _save_entries(
             checkpoint_bytes=checkpoint_bytes,
             raw_samples=col("raw"),
             repeats=repeats,
-            method="per round: raw seconds / sync save seconds. raw = the same files (random bytes of each "
+            method="per round: raw seconds / sync save seconds, each started after an untimed os.sync(). raw = "
+            "the same files (random bytes of each "
             "file's size) written with os.write in 64 MiB chunks with the save's fsync pattern and overlap: the "
             "weights file's fsync in a helper thread while the training state is written and fsynced, then "
             "trainer_state.json and MANIFEST.json each fsynced, the folder fsynced, renamed, the parent fsynced",

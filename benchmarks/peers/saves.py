@@ -155,11 +155,16 @@ def bench_async_loss(
                              async_save=False)  # fmt: skip
     sync_seconds = []
     for r in range(repeats):
-        without = _loop(model, optimizer, batch, steps, None, every, saves)
-        for saver in savers[r % len(savers) :] + savers[: r % len(savers)]:
-            lost[saver.name].append((_loop(model, optimizer, batch, steps, saver, every, saves) - without) / saves)
-            for old in saver_root(saver).glob("step*"):
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        order: list[Any] = [None, *savers]  # None: the same loop without saves, in the rotation too
+        timed: dict[str, float] = {}
+        for saver in order[r % len(order) :] + order[: r % len(order)]:
+            name = "without" if saver is None else saver.name
+            timed[name] = _loop(model, optimizer, batch, steps, saver, every, saves)
+            if saver is not None:
+                for old in saver_root(saver).glob("step*"):
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+        for saver in savers:
+            lost[saver.name].append((timed[saver.name] - timed["without"]) / saves)
         start = time.perf_counter()
         save_once(sync, 10_000 + r, model, optimizer)
         sync_seconds.append(time.perf_counter() - start)
