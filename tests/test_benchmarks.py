@@ -124,7 +124,20 @@ def test_the_peer_benchmark_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[st
 
     assert (
         peers_main(
-            ["--state-mib", "1", "--width", "128", "--repeats", "1", "--loop-steps", "4", "--saves", "1", "--json"]
+            [
+                "--state-mib",
+                "1",
+                "--width",
+                "128",
+                "--repeats",
+                "1",
+                "--loop-steps",
+                "4",
+                "--saves",
+                "1",
+                "--skip-crash",
+                "--json",
+            ]
         )
         == 0
     )

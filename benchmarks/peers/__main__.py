@@ -21,6 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of each measurement")
     parser.add_argument("--loop-steps", type=int, default=10, help="training steps of one loop segment")
     parser.add_argument("--saves", type=int, default=1, help="async saves in one loop segment")
+    parser.add_argument("--skip-crash", action="store_true", help="leave out the SIGKILL resume runs (slow)")
     parser.add_argument("--json", action="store_true", help="print the JSON results instead of the tables")
     args = parser.parse_args(argv)
     try:
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_peers(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks.recovery import train_every_step_run
 
+    from .crash import bench_sigkill_resume
     from .damage import bench_truncated_newest
     from .saves import bench_async_loss, bench_durable_saves
     from .scan import bench_recovery_scan
@@ -51,6 +53,8 @@ def run_peers(args: argparse.Namespace) -> dict[str, Any]:
             ),
             "truncated_newest": bench_truncated_newest(root / "damage", min(args.state_mib, 16), args.width),
         }
+        if not args.skip_crash:
+            results["sigkill_resume"] = bench_sigkill_resume(root / "crash")
         workspace = root / "project-run"
         train_every_step_run(workspace, 4)
         results["recovery_scan"] = bench_recovery_scan(
@@ -93,6 +97,15 @@ def tables(results: dict[str, Any]) -> str:
     for name, row in results["truncated_newest"].items():
         what = f"resumed from {row['from']}" if row["outcome"] == "resumed" else f"error: `{row['error']}`"
         lines.append(f"| {name} | {row['truncated_file']} | {what} |")
+    lines += ["", "Resume after SIGKILL mid-epoch (40 steps, epochs of 20, killed just after the step-25 save), "
+              "final weights against an uninterrupted run:", "",
+              "| framework | killed mid-run | bit-identical | max abs difference |", "|---|:---:|:---:|---:|"]  # fmt: skip
+    for name, row in results.get("sigkill_resume", {}).items():
+        if "error" in row:
+            lines.append(f"| {name} | | | error: `{row['error'][:120]}` |")
+        else:
+            lines.append(f"| {name} | {'yes' if row['killed_mid_run'] else 'no'} | "
+                         f"{'yes' if row['bit_identical'] else 'NO'} | {row['max_abs_difference']:.3g} |")  # fmt: skip
     lines += ["", "Recovery scan in a fresh process (newest checkpoint + history, no weights):", "",
               "| command | seconds | min – max |", "|---|---:|---:|"]  # fmt: skip
     for name, row in results["recovery_scan"].items():
