@@ -61,10 +61,10 @@ bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick --json
 
 # The project beside HF Trainer, Lightning, torch.save and DCP on the same 252 MiB state (PEERS_ARGS=--state-mib 64
-# for a faster run). Installs the pinned `peers` extra, keeping the pinned torch.
+# for a faster run). Installs the pinned `peers` extra, keeping the torch already installed.
 PEERS_ARGS ?=
 bench-peers: $(STAMP)
-	$(VENV)/bin/pip install -q -e '.[peers]' "$(TORCH_PIN)"
+	$(VENV)/bin/pip install -q -e '.[peers]' "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
 	$(PY) -m benchmarks.peers $(PEERS_ARGS)
 
 clean:
