@@ -27,8 +27,9 @@ GROUPS = ("save", "loop_cost", "memory", "recovery", "loop", "db")
 def _group_runners(sizes: Sizes) -> dict[str, Callable[[Path], dict[str, Any]]]:
     from .database import bench_db
     from .loop import bench_loop
+    from .loop_cost import bench_async_loop
     from .recovery import bench_recovery
-    from .saving import bench_async_loop, bench_save, bench_save_peak_rss
+    from .saving import bench_save, bench_save_peak_rss
 
     return {
         "save": lambda d: bench_save(d, sizes.save_state_mib, sizes.save_layer_width, sizes.save_repeats),

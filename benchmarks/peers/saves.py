@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import median
-from benchmarks.saving import build_state, save_once, state_bytes, train_steps
+from benchmarks.loop_cost import train_steps
+from benchmarks.saving import build_state, save_once, state_bytes
 from utils.training.engine.checkpoint import CheckpointManager
 
 from .frameworks import ADAPTERS, timed_durable_save
