@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 		$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q --upgrade pip && \
 		$(VENV)/bin/pip install -q "$(TORCH_PIN)"; \
 	fi
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -e '.[dev,examples]'
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -34,17 +34,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
-	env -u TRAINING_PRESET -u TRAINING_EPOCHS -u TRAINING_CHECKPOINT_DIR -u TRAINING_RUN_NAME \
-		TRAINING_WORKSPACE=tmp_training_output TRAINING_FRESH_START=1 \
-		$(PY) -m pytest -q --nbval training.ipynb --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	tests/run_nbval.sh $(PY)
 
-# Re-run the notebook in place (a real run, as `make test` checks it) after a cell's output changes on purpose.
+# Re-run the notebook (a real run in an empty folder, as `make test` checks it) and keep its outputs, after a cell's output changes on purpose.
 notebook-outputs: $(STAMP)
-	env -u TRAINING_PRESET -u TRAINING_EPOCHS -u TRAINING_CHECKPOINT_DIR -u TRAINING_RUN_NAME \
-		TRAINING_WORKSPACE=tmp_training_output TRAINING_FRESH_START=1 \
-		$(PY) -c "import nbformat, nbclient; nb = nbformat.read('training.ipynb', 4); \
-		nbclient.NotebookClient(nb, kernel_name='python3', timeout=600, resources={'metadata': {'path': '.'}}).execute(); \
-		nbformat.write(nb, 'training.ipynb')"
+	$(PY) tests/refresh_notebook_outputs.py training.ipynb
 
 lint:
 	$(PY) -m ruff check .

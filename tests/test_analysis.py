@@ -60,12 +60,33 @@ def test_best_epoch_row_ignores_nan_and_inf_and_falls_back_to_the_last_epoch() -
 
 
 def test_the_dashboard_has_ten_panels_with_drift_and_six_without(results: dict[str, Any]) -> None:
+    assert analysis.panel_count(results) == 10 and analysis.extra_panels(results) == 1  # the step loss
+    results = dict(results, step_history=[])  # the per-step panels are tested below
     assert analysis.panel_count(results) == 10
     assert analysis.panel_count(without_drift(results)) == 6
     full = analysis.dashboard_figure(results)
     titled = [ax for ax in full.axes if ax.get_title()]  # the throughput panel's twin axis has no title
     assert len(titled) == 10 and all(ax.get_xlabel() == "epoch" and ax.get_ylabel() for ax in titled)
     assert len([ax for ax in analysis.dashboard_figure(without_drift(results)).axes if ax.get_title()]) == 6
+
+
+def test_step_curves_and_each_task_metric_get_a_panel_and_steps_export_to_csv(
+    results: dict[str, Any], tmp_path
+) -> None:
+    history = [dict(row, **{"train/accuracy": 0.5 + row["epoch"] / 10, "val/accuracy": 0.6}) for row in
+               results["metrics_history"]]  # fmt: skip
+    steps = [{"step": s, "epoch": 1, "train/loss": 3.0 - s / 10, "train/accuracy": s / 20, "learning_rate": 1e-3,
+              "grad_norm": 1.0, "time": 1.0} for s in (5, 10)]  # fmt: skip
+    task_results = dict(results, metrics_history=history, step_history=steps)
+    assert analysis.extra_panels(task_results) == 2 + 1  # step loss, step accuracy, accuracy per epoch
+    titles = {ax.get_title(): ax for ax in analysis.dashboard_figure(task_results).axes if ax.get_title()}
+    assert {"Per step · train/loss", "Per step · train/accuracy", "Task metric · accuracy"} <= set(titles)
+    assert titles["Per step · train/loss"].get_xlabel() == "step"
+    assert len(titles["Task metric · accuracy"].get_lines()) == 2  # train and validation
+    path, rows = analysis.export_steps_csv(task_results, tmp_path / "s.csv")
+    table = pd.read_csv(path)
+    assert rows == 2 and list(table.columns[:3]) == ["step", "epoch", "train/loss"] and "train/accuracy" in table
+    assert analysis.export_steps_csv(dict(results, step_history=[])) is None
 
 
 def test_save_dashboard_writes_a_png_in_results_creating_the_folder(results: dict[str, Any]) -> None:

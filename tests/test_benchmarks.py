@@ -97,7 +97,7 @@ def test_a_ratio_past_its_physical_limit_is_not_met_and_fails_the_run() -> None:
 def test_recover_opens_metadata_only(smoke: tuple[dict[str, Any], Path]) -> None:
     read = smoke[0]["recover_bytes_read"]
     names = {Path(p).name for p in read["files_opened"]}
-    assert names and names <= {"MANIFEST.json", "trainer_state.json", "run.json", "metrics.jsonl"}
+    assert names and names <= {"MANIFEST.json", "trainer_state.json", "run.json", "metrics.jsonl", "steps.jsonl"}
     assert 0 < read["bytes_read"] < read["bytes_on_disk"]
 
 

@@ -165,3 +165,41 @@ def test_the_whole_notebook_top_to_bottom(cwd: Path, tmp_path: Path) -> None:
     assert (workspace / "results" / "notebook_run_dashboard.png").is_file()
     assert len(pd.read_csv(workspace / "results" / "notebook_run_metrics.csv")) == 1
     assert not (cwd / "tmp_training_output").exists()  # the scratch workspace is only the default
+
+
+def test_committed_outputs_hold_with_other_runs_on_the_machine(cwd: Path, workspace: Path) -> None:
+    """`make demo` then `make test`: a run left in ./training_output (and TRAINING_* variables naming other
+    runs) must not change what the notebook under nbval shows, or its result would depend on the machine."""
+    shutil.copytree(workspace, cwd / "training_output")  # where `make demo` leaves its run
+    shutil.copytree(workspace, cwd / "tmp_training_output")
+    env = {**os.environ, "TRAINING_CHECKPOINT_DIR": str(workspace), "TRAINING_RUN_NAME": "cli_run"}
+    done = subprocess.run(
+        [str(Path(__file__).with_name("run_nbval.sh")), sys.executable],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "9 passed" in done.stdout
+    # The other runs were only read around, never touched.
+    assert sorted(p.name for p in (cwd / "training_output" / "checkpoints" / "cli_run").iterdir()) == sorted(
+        p.name for p in (workspace / "checkpoints" / "cli_run").iterdir()
+    )
+
+
+def test_a_warning_inside_a_cell_is_printed_as_text(cwd: Path) -> None:
+    """Anything on stderr fails the notebook tests and shows red in a notebook: cells print warnings."""
+    source = (
+        "import warnings, logging\n"
+        "from utils.training.cells._namespace import text_output\n"
+        "@text_output\n"
+        "def cell(ns):\n"
+        "    warnings.warn('fonts are being cached')\n"
+        "    logging.getLogger('utils.training.engine').warning('the database is busy')\n"
+        "cell(globals())\n"
+    )
+    nb = nbformat.v4.new_notebook(metadata=nbformat.read(NOTEBOOK, as_version=4).metadata)
+    nb.cells.append(nbformat.v4.new_code_cell(source))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}).execute()
+    outputs = nb.cells[0].outputs
+    assert [o.name for o in outputs if o.output_type == "stream"] == ["stdout"] * len(outputs)
+    text = "".join(o.text for o in outputs)
+    assert "⚠️ UserWarning: fonts are being cached" in text and "⚠️ the database is busy" in text

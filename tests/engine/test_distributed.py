@@ -157,3 +157,36 @@ def test_the_notebook_recovery_cell_reads_a_torchrun_run(two_process_run: Path, 
     assert ns["training_config"].run_name == "r" and ns["config"] is ns["training_config"]
     assert ns["drift_data"] is not None
     ns["db"].close()
+
+
+def test_a_user_task_under_torchrun_is_sharded_per_rank_and_resumes_exactly(tmp_path: Path) -> None:
+    """--task under torchrun: the map-style dataset is sharded per rank (96 samples, batch 8, 2 ranks:
+    6 steps an epoch), and a resume from a mid-epoch checkpoint ends as the uninterrupted run."""
+    import shutil
+
+    from utils.training.engine.checkpoint import list_checkpoints
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    shutil.copy(Path(__file__).parent / "user_tasks" / "mytask.py", folder / "mytask.py")
+    args = ["-m", "utils.training", "train", "--task", "mytask:build", "--run-name", "r", "--epochs", "2",
+            "--batch-size", "8", "--save-every-steps", "4", "--keep-last", "0"]  # fmt: skip
+
+    def run_in(ws: Path) -> None:
+        proc = subprocess.run(torchrun(*args, "--workspace", str(ws)), cwd=folder, env=ENV, capture_output=True,
+                              text=True, timeout=180)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    run_in(tmp_path / "ref")
+    reference = recover(tmp_path / "ref", search_dirs=[])
+    assert reference["step"] == 12 and [r["step"] for r in reference["metrics_history"]] == [6, 12]
+    shutil.copytree(tmp_path / "ref", tmp_path / "resumed")
+    for step, path in list_checkpoints(tmp_path / "resumed" / "checkpoints" / "r"):
+        if step > 4:
+            shutil.rmtree(path)  # the job died after the checkpoint of step 4 (mid-epoch 1)
+    run_in(tmp_path / "resumed")
+    resumed = recover(tmp_path / "resumed", search_dirs=[])
+    assert resumed["resume_count"] == 1
+    assert_same_weights(final_weights(tmp_path / "resumed"), final_weights(tmp_path / "ref"))
+    for key in ("train/loss", "train/accuracy", "val/loss", "val/accuracy", "grad_norm", "learning_rate"):
+        assert [r[key] for r in resumed["metrics_history"]] == [r[key] for r in reference["metrics_history"]], key

@@ -107,7 +107,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 
 def assert_same_metrics(rows: list[dict], reference: list[dict]) -> None:
-    timing = {"epoch_seconds", "tokens_per_second", "time"}
+    timing = {"epoch_seconds", "tokens_per_second", "samples_per_second", "time"}
     assert [r["epoch"] for r in rows] == [r["epoch"] for r in reference]
     for row, ref in zip(rows, reference, strict=True):
         assert {k: v for k, v in row.items() if k not in timing} == {k: v for k, v in ref.items() if k not in timing}

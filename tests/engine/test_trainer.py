@@ -24,7 +24,12 @@ METRIC_KEYS = {
     "epoch", "step", "train/loss", "val/loss", "val/perplexity", "train/perplexity", "learning_rate", "grad_norm",
     "epoch_seconds", "tokens_per_second",
 }  # fmt: skip
-WALL_CLOCK_KEYS = {"epoch_seconds", "tokens_per_second", "time"}  # the only metrics allowed to differ
+WALL_CLOCK_KEYS = {
+    "epoch_seconds",
+    "tokens_per_second",
+    "samples_per_second",
+    "time",
+}  # the only metrics allowed to differ
 
 
 def _run_dir(workspace: Path) -> Path:
@@ -162,3 +167,38 @@ def test_a_resumed_run_keeps_one_db_run_without_duplicate_rows(trained_workspace
     assert [r["id"] for r in runs] == [results["run_id"]]
     assert runs[0]["status"] == "completed" and runs[0]["resume_count"] == 1
     assert list(frame["epoch"]) == [1, 2]
+
+
+def test_a_checkpoint_written_before_the_task_api_resumes_bit_identical(
+    trained_workspace: dict[str, Any], workspace_copy: Path
+):
+    """The byte LM's checkpoints of format 1 (before the Task API) kept the epoch's sums as a mean
+    per step and the data position as the stream's own state, and recorded no builder."""
+    from utils.training.engine.checkpoint import CheckpointManager, load_checkpoint
+
+    run_dir = _run_dir(workspace_copy)
+    loaded = load_checkpoint(run_dir / "step-000003")
+    batch_size = trained_workspace["config"].batch_size
+    state, sums = dict(loaded.training_state), loaded.training_state["accumulators"]
+    state["accumulators"] = {
+        "loss_sum": sums["loss"] / batch_size, "grad_norm_sum": sums["grad_norm"],
+        "grad_norm_sq_sum": sums["grad_norm_sq"], "token_counts": sums["token_counts"], "steps": sums["steps"],
+        "seconds": sums["seconds"],
+    }  # fmt: skip
+    state["data"] = state["data"]["dataset"]  # {"position", "seed"}
+    del state["interval"]
+    trainer_state = {k: v for k, v in loaded.trainer_state.items() if k not in ("task", "steps_per_epoch")}
+    for _, path in list_checkpoints(run_dir):
+        shutil.rmtree(path)
+    CheckpointManager(run_dir, keep_last=0, keep_best=1, monitor_metric="val/loss", monitor_mode="min",
+                      async_save=False).save(3, model_state=loaded.model_state, training_state=state,
+                                             trainer_state=trainer_state, manifest_fields={"epoch": 0})  # fmt: skip
+    config = trained_workspace["config"].replace(workspace_root=str(workspace_copy))
+    results = Trainer(config, progress=False).fit()
+    assert results["resume_count"] == 1 and results["task"] == "utils.training.engine.lm_task:build_task"
+    reference = _run_dir(trained_workspace["workspace"]) / "step-000010"
+    assert all(
+        load_file(str(reference / MODEL_FILE))[k].equal(v)
+        for k, v in load_file(str(run_dir / "step-000010" / MODEL_FILE)).items()
+    )
+    assert _deterministic(results["metrics_history"]) == _deterministic(trained_workspace["results"]["metrics_history"])

@@ -1,7 +1,8 @@
 """Training that survives its runtime: a checkpointing, recoverable training library.
 
-`TrainingConfig` is imported eagerly (no torch); `Task` and `CheckpointedRun` are lazy exports,
-imported on first use, so that `import utils.training` and `recover` never import torch.
+`TrainingConfig` is imported eagerly (no torch); `Task`, `LanguageModel`, `TaskError`,
+`CheckpointedRun`, `Trainer` and `train` are lazy exports, imported on first use, so that
+`import utils.training` and `recover` never import torch.
 """
 
 from __future__ import annotations
@@ -11,23 +12,27 @@ from typing import Any
 
 from .config import PRESETS, ConfigError, TrainingConfig
 
-# name -> module (relative to this package) that defines it; imported on first attribute access
-_LAZY_EXPORTS = {
-    "Task": ".engine.task",
-    "CheckpointedRun": ".engine.checkpointed_run",
+# name -> (module, attribute); imported on first attribute access
+_LAZY = {
+    "Task": ("utils.training.engine.task", "Task"),
+    "LanguageModel": ("utils.training.engine.task", "LanguageModel"),
+    "TaskError": ("utils.training.engine.task", "TaskError"),
+    "CheckpointedRun": ("utils.training.engine.loop_api", "CheckpointedRun"),
+    "Trainer": ("utils.training.engine.trainer", "Trainer"),
+    "train": ("utils.training.engine.trainer", "train"),
 }
 
-__all__ = ["PRESETS", "CheckpointedRun", "ConfigError", "Task", "TrainingConfig"]
+__all__ = ["PRESETS", "ConfigError", "TrainingConfig", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
-    module_name = _LAZY_EXPORTS.get(name)
-    if module_name is None:
+    if name not in _LAZY:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module_name, __name__), name)
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_EXPORTS))
+    return sorted(set(globals()) | set(_LAZY))

@@ -14,6 +14,8 @@ from typing import Any
 from .config import PRESETS, ConfigError, TrainingConfig, read_config_file
 
 EXIT_FAILURE = 1
+DEFAULT_TASK = "utils.training.engine.lm_task:build_task"  # the byte LM: presets size it
+TASK_PRESET_FIELDS = ("learning_rate", "warmup_steps")  # what a preset still sets under --task
 EXIT_USAGE = 2
 
 
@@ -48,6 +50,12 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
     preset = args.preset or from_file.get("preset") or "tiny"
     if preset not in PRESETS:
         raise ConfigError(f"config field preset={preset!r} is invalid: allowed one of {sorted(PRESETS)}")
+    base = dict(PRESETS[preset])
+    if getattr(args, "task", None) not in (None, DEFAULT_TASK):
+        # A preset sizes the byte LM: for another task it changes no model or data field, and an
+        # epoch is one full pass over the data unless --steps-per-epoch caps it.
+        base = {k: v for k, v in base.items() if k in TASK_PRESET_FIELDS}
+        base.update(steps_per_epoch=0, eval_batches=0)
     overrides = {
         "workspace_root": args.workspace,
         "run_name": args.run_name,
@@ -63,9 +71,11 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         "async_save": {"async": True, "sync": False}.get(args.save_mode),
         "on_save_error": args.on_save_error,
         "distributed_strategy": args.strategy,
+        "batch_size": getattr(args, "batch_size", None),
+        "log_every_steps": getattr(args, "log_every_steps", None),
     }
     flags = {k: v for k, v in overrides.items() if v is not None}
-    return TrainingConfig.from_dict({**PRESETS[preset], **from_file, "preset": preset, **flags})
+    return TrainingConfig.from_dict({**base, **from_file, "preset": preset, **flags})
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:
@@ -78,22 +88,25 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
         f"  best:       {results['best_checkpoint_path']} (epoch {results.get('best_epoch')})",
     ]
     if last:
-        lines.append(
-            f"  last epoch: train/loss {last.get('train/loss', float('nan')):.4f}  "
-            f"val/loss {last.get('val/loss', float('nan')):.4f}  val/perplexity {last.get('val/perplexity', float('nan')):.2f}"
-        )
+        shown = [f"{k} {v:.4f}" for k, v in last.items() if k.startswith(("train/", "val/")) and isinstance(v, float)]
+        lines.append("  last epoch: " + "  ".join(shown))
     for item in results.get("skipped") or []:
         lines.append(f"  skipped {item['path']}: {item['reason']}")
     return lines
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .engine.trainer import Trainer
+    from .engine.trainer import TaskMismatch, Trainer
 
     config = build_config(args)
-    trainer = Trainer(config, resume=args.resume, progress=not args.json and sys.stderr.isatty())
+    trainer = Trainer(config, task_path=args.task, resume=args.resume, progress=not args.json and sys.stderr.isatty())
     try:
         results = trainer.fit()
+    except TaskMismatch as exc:
+        raise CliError(
+            f"{exc.checkpoint} was trained with --task {exc.recorded}; run the same command with "
+            f"--task {exc.recorded}, or use a new --run-name"
+        ) from exc
     finally:
         trainer.runtime.close()
     if not trainer.runtime.is_main:
@@ -173,12 +186,20 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .analysis import export_metrics_csv
+    from .analysis import export_metrics_csv, export_steps_csv
     from .engine.recovery import recover
 
     results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
     path, rows = export_metrics_csv(results, args.output)
-    print_json({"csv": str(path), "rows": rows}) if args.json else print(f"{rows} row(s) written to {path}")
+    steps = export_steps_csv(results, Path(path).with_name(Path(path).name.replace("metrics", "steps"))
+                             if args.output and "metrics" in Path(args.output).name else None)  # fmt: skip
+    if args.json:
+        print_json({"csv": str(path), "rows": rows, "steps_csv": str(steps[0]) if steps else None,
+                    "step_rows": steps[1] if steps else 0})  # fmt: skip
+    else:
+        print(f"{rows} row(s) written to {path}")
+        if steps:
+            print(f"{steps[1]} step row(s) written to {steps[0]}")
     return 0
 
 
@@ -187,6 +208,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a run, resuming it when it has a checkpoint")
+    t.add_argument("--task", help="module:function building the Task to train (default: the byte LM)")
     t.add_argument("--preset", choices=sorted(PRESETS))
     t.add_argument("--config", help="a JSON file written by TrainingConfig.to_json()")
     t.add_argument("--workspace", help="workspace root (default ./training_output)")
@@ -194,6 +216,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--steps-per-epoch", type=int)
     t.add_argument("--seed", type=int)
+    t.add_argument("--batch-size", type=int, help="samples per step (per process under torchrun)")
+    t.add_argument("--log-every-steps", type=int, help="a steps.jsonl line every N steps (0 = none)")
     t.add_argument("--corpus", help="a text file or a folder of text files (default: Python's stdlib source)")
     t.add_argument("--save-every-steps", type=int)
     t.add_argument("--save-every-seconds", type=float)
@@ -241,6 +265,7 @@ _USER_ERRORS = (
     ("engine.experiment_db", "ExperimentDBError"),
     ("engine.runlock", "RunLocked"),
     ("engine.resume", "ResumeError"),
+    ("engine.task", "TaskError"),
 )
 
 
@@ -254,7 +279,15 @@ def _is_user_error(exc: BaseException) -> bool:
     return False
 
 
+def _current_folder_on_path() -> None:
+    """`--task mytask:build` finds ./mytask.py (engine.task.task_module_path, without importing torch)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _current_folder_on_path()
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from .analysis_steps import draw_extra_panels, extra_panel_count, steps_frame
 from .config import TrainingConfig
 from .engine.model import ByteTransformer
 
@@ -108,6 +109,15 @@ def export_metrics_csv(results: dict[str, Any], output: str | Path | None = None
     return write_metrics_csv(frame, output or default_output(results, "metrics.csv"))
 
 
+def export_steps_csv(results: dict[str, Any], output: str | Path | None = None) -> tuple[Path, int] | None:
+    """`<workspace>/results/<run_name>_steps.csv` (or `output`): one row per logged step interval,
+    the columns of steps.jsonl. None when the run logged no steps."""
+    frame = steps_frame(results)
+    if frame.empty:
+        return None
+    return write_metrics_csv(frame, output or default_output(results, "steps.csv"))
+
+
 # -- dashboard ----------------------------------------------------------------------------
 def _plot_lines(ax, frame: pd.DataFrame, columns: dict[str, str], *, log: bool = False) -> bool:
     plotted = []
@@ -166,9 +176,10 @@ def _training_panels(axes: list, frame: pd.DataFrame, best: dict[str, Any] | Non
         grad.fill_between(frame["epoch"], mean - std, mean + std, alpha=0.2, label="± 1 std within the epoch")
     _finish(grad, "Gradient norm (before clipping)", "L2 norm", drawn)
 
-    drawn = "tokens_per_second" in frame.columns
+    unit = "tokens" if "tokens_per_second" in frame.columns else "samples"
+    drawn = f"{unit}_per_second" in frame.columns
     if drawn:
-        speed.bar(frame["epoch"], frame["tokens_per_second"], color="tab:green", alpha=0.7, label="tokens / second")
+        speed.bar(frame["epoch"], frame[f"{unit}_per_second"], color="tab:green", alpha=0.7, label=f"{unit} / second")
         if "epoch_seconds" in frame.columns:
             twin = speed.twinx()
             twin.plot(frame["epoch"], frame["epoch_seconds"], color="tab:red", marker="s", label="epoch time")
@@ -176,7 +187,7 @@ def _training_panels(axes: list, frame: pd.DataFrame, best: dict[str, Any] | Non
             twin.set_ylim(0, 1.25 * max(float(frame["epoch_seconds"].max()), 1e-3))
             handles = speed.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
             speed.legend(handles=handles, fontsize=8, loc="lower right")
-    _finish(speed, "Throughput", "tokens / second", drawn, legend=not drawn or "epoch_seconds" not in frame.columns)
+    _finish(speed, "Throughput", f"{unit} / second", drawn, legend=not drawn or "epoch_seconds" not in frame.columns)
 
     drawn = {"train/loss", "val/loss"} <= set(frame.columns)
     if drawn:
@@ -218,13 +229,20 @@ def dashboard_figure(results: dict[str, Any]):
             f"run {results.get('run_name')!r} has no completed epoch yet; train at least one epoch, then plot"
         )
     drift = drift_frame(results)
+    steps = steps_frame(results)
+    extra = extra_panel_count(frame, steps)
+    extra_rows = -(-extra // 3)
     best, _ = best_epoch_row(frame, "val/loss", "min")
-    fig = Figure(figsize=(17, 13.5 if drift is not None else 9.5), layout="constrained")
-    grid = fig.add_gridspec(3 if drift is not None else 2, 12)
+    rows = 2 + (drift is not None) + extra_rows
+    fig = Figure(figsize=(17, 4.5 * rows + 0.5), layout="constrained")
+    grid = fig.add_gridspec(rows, 12)
     training_axes = [fig.add_subplot(grid[row, col * 4 : col * 4 + 4]) for row in range(2) for col in range(3)]
     _training_panels(training_axes, frame, best)
     if drift is not None:
         _drift_panels([fig.add_subplot(grid[2, col * 3 : col * 3 + 3]) for col in range(4)], drift)
+    first = 2 + (drift is not None)
+    extra_axes = [fig.add_subplot(grid[first + i // 3, (i % 3) * 4 : (i % 3) * 4 + 4]) for i in range(extra)]
+    draw_extra_panels(extra_axes, frame, steps, _finish)
 
     config = results.get("config") or {}
     title = f"Run '{results.get('run_name')}': {len(frame)} epoch(s)"
@@ -242,8 +260,14 @@ def dashboard_figure(results: dict[str, Any]):
 
 
 def panel_count(results: dict[str, Any]) -> int:
-    """How many panels the dashboard of these results has: 6, or 10 with drift data."""
+    """How many epoch panels the dashboard of these results has: 6, or 10 with drift data (the
+    per-step and task-metric panels below them are counted by `extra_panels`)."""
     return 10 if drift_frame(results) is not None else 6
+
+
+def extra_panels(results: dict[str, Any]) -> int:
+    """Panels beyond panel_count(): one per step-level series and one per task metric."""
+    return extra_panel_count(metrics_frame(results), steps_frame(results))
 
 
 def save_dashboard(results: dict[str, Any], output: str | Path | None = None) -> Path:
@@ -287,3 +311,27 @@ def generate_text(
     finally:
         model.train(was_training)
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+
+
+def load_task_model(checkpoint_path: str | Path, *, build_task: Any = None, task_path: str | None = None):
+    """(model, task) of one checkpoint of any task, on the CPU in eval mode; `task.sample_fn` is
+    what Inference calls (None: this task has none). The builder recorded in the checkpoint is
+    imported only when it is the one given (`build_task`/`task_path`) or the built-in byte LM;
+    otherwise TaskMismatch names the recorded path. Hashes are verified first."""
+    from .engine.checkpoint import load_checkpoint
+    from .engine.reproducibility import seed_everything
+    from .engine.task import DEFAULT_TASK_PATH, build_checked
+    from .engine.trainer import TaskMismatch, resolve_builder
+
+    loaded = load_checkpoint(Path(checkpoint_path), map_location="cpu")
+    recorded = loaded.trainer_state.get("task") or DEFAULT_TASK_PATH
+    if build_task is None and task_path is None and recorded != DEFAULT_TASK_PATH:
+        raise TaskMismatch(loaded.path, recorded, "no task builder")
+    builder, given = resolve_builder(build_task, task_path or (None if build_task else recorded))
+    if given != recorded:
+        raise TaskMismatch(loaded.path, recorded, given)
+    config = TrainingConfig.from_dict(loaded.trainer_state.get("config") or {})
+    seed_everything(config.seed)
+    task = build_checked(builder, config, recorded)
+    task.model.load_state_dict(loaded.model_state)
+    return task.model.eval(), task

@@ -65,8 +65,10 @@ class TrainingConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
     epochs: int = 2
-    steps_per_epoch: int = 20
-    eval_batches: int = 4
+    steps_per_epoch: int = 20  # 0 = one full pass over the training data
+    eval_batches: int = 4  # 0 = a full validation pass
+    log_every_steps: int = 10  # a steps.jsonl line every N steps; 0 = none
+    task_options: dict[str, Any] = field(default_factory=dict)  # a task's own settings, passed to its builder
 
     # Checkpoints.
     save_every_steps: int = 0  # 0 = only at epoch ends (and by time)
@@ -76,6 +78,9 @@ class TrainingConfig:
     monitor_metric: str = "val/loss"
     monitor_mode: str = "min"
     async_save: bool = True  # copy state to CPU buffers, write in a background thread
+    # Free those buffers (a full host copy of the state) after each save instead of reusing them:
+    # less resident memory between saves, at the cost of allocating them again at the next save.
+    release_snapshot_buffers: bool = False
     on_save_error: str = "stop"  # "stop" raises; "continue" logs and trains on
 
     # Hardware.
@@ -153,8 +158,14 @@ class TrainingConfig:
         need(is_num(self.beta2) and 0 <= self.beta2 < 1, "beta2", "a number in [0, 1)")
         need(is_num(self.grad_clip) and self.grad_clip >= 0, "grad_clip", "a number >= 0 (0 disables)")
         need(is_int(self.epochs) and 1 <= self.epochs <= 100_000, "epochs", "an integer in [1, 100000]")
-        need(is_int(self.steps_per_epoch) and self.steps_per_epoch >= 1, "steps_per_epoch", "an integer >= 1")
-        need(is_int(self.eval_batches) and self.eval_batches >= 1, "eval_batches", "an integer >= 1")
+        need(
+            is_int(self.steps_per_epoch) and self.steps_per_epoch >= 0,
+            "steps_per_epoch",
+            "an integer >= 0 (0 = one full pass over the data)",
+        )
+        need(is_int(self.eval_batches) and self.eval_batches >= 0, "eval_batches", "an integer >= 0 (0 = all)")
+        need(is_int(self.log_every_steps) and self.log_every_steps >= 0, "log_every_steps", "an integer >= 0 (0 = off)")
+        need(isinstance(self.task_options, dict), "task_options", "a JSON object (dict) of the task's own settings")
         need(
             is_int(self.save_every_steps) and self.save_every_steps >= 0,
             "save_every_steps",
@@ -174,6 +185,7 @@ class TrainingConfig:
         )
         need(self.monitor_mode in ("min", "max"), "monitor_mode", "'min' or 'max'")
         need(isinstance(self.async_save, bool), "async_save", "true or false")
+        need(isinstance(self.release_snapshot_buffers, bool), "release_snapshot_buffers", "true or false")
         need(self.on_save_error in ("stop", "continue"), "on_save_error", "'stop' or 'continue'")
         device_ok = isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "cuda", "mps")

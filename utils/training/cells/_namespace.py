@@ -7,7 +7,10 @@ the optional `drift_data`, `model`, `db`, `run_id`.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,44 @@ DRIVE_MOUNT = "/content/drive"
 DRIVE_WORKSPACE = "/content/drive/MyDrive/training_workspace"  # survives a recycled VM
 LOCAL_WORKSPACE = "training_output"  # outside Colab with no workspace chosen: runs here resume
 SCRATCH_WORKSPACE = "tmp_training_output"  # cleared by the Training cell only with TRAINING_FRESH_START=1
+
+
+class _PrintHandler(logging.Handler):
+    """Library log records as text lines on the cell's stdout (looked up at emit time: the kernel swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        mark = "⚠️ " if record.levelno >= logging.WARNING else ""
+        print(f"{mark}{record.getMessage()}")
+
+
+def text_output(cell: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a cell function so that what it warns or logs is printed as text on stdout.
+
+    A notebook shows anything on stderr in red, and the notebook tests count it as a failure; a
+    warning raised while a cell works (matplotlib, pandas, the config's notes) is information, so it
+    is printed like the rest of the cell's messages, once per cell run.
+    """
+
+    @functools.wraps(cell)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        library_log = logging.getLogger("utils.training")
+        handler = _PrintHandler(logging.WARNING)
+        library_log.addHandler(handler)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("default")
+                result = cell(*args, **kwargs)
+        finally:
+            library_log.removeHandler(handler)
+        seen: set[str] = set()
+        for warning in caught:
+            text = f"⚠️ {warning.category.__name__}: {warning.message}"
+            if text not in seen:
+                seen.add(text)
+                print(text)
+        return result
+
+    return wrapper
 
 
 def _is_results(value: Any) -> bool:

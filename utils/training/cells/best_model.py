@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._namespace import check, problem, show_path
+from ._namespace import check, problem, show_path, text_output
 
 OPTIONAL_METRICS = {
     "train/perplexity": ("train perplexity", ".2f"),
@@ -26,6 +26,7 @@ def _number(row: dict[str, Any], key: str) -> float | None:
         return None
 
 
+@text_output
 def run(ns: dict[str, Any], metric: str = "val/loss") -> None:
     from ..analysis import best_epoch_row, metrics_frame
     from ..engine.commit import CheckpointCorrupt, verify

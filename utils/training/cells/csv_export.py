@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._namespace import check, problem, show_path
+from ._namespace import check, problem, show_path, text_output
 
 DEFAULT_WORKSPACE = "."
 
 
+@text_output
 def run(ns: dict[str, Any], output: str | None = None) -> None:
     from ..analysis import DEFAULT_RUN_NAME, metrics_frame, write_metrics_csv
 

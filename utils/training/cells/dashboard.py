@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._namespace import check, show_path
+from ._namespace import check, show_path, text_output
 
 
+@text_output
 def run(ns: dict[str, Any], show: bool = True) -> None:
     from ..analysis import NothingToAnalyse, panel_count, save_dashboard
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._namespace import OPTIONAL_NAMES, REQUIRED_NAMES, problem, show_path
+from ._namespace import OPTIONAL_NAMES, REQUIRED_NAMES, problem, show_path, text_output
 
 
 def next_cell(ns: dict[str, Any]) -> str:
@@ -21,6 +21,7 @@ def next_cell(ns: dict[str, Any]) -> str:
     return "the Dashboard cell, then Best model, CSV export and Inference"
 
 
+@text_output
 def run(ns: dict[str, Any]) -> None:
     print("Required variables:")
     for name in REQUIRED_NAMES:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._namespace import check, show_path
+from ._namespace import check, show_path, text_output
 
 SAMPLE_START = "----- sample -----"
 SAMPLE_END = "----- end of sample -----"
 
 
+@text_output
 def run(ns: dict[str, Any], prompt: str = "def ", max_new_tokens: int = 200, seed: int = 0) -> None:
     from ..analysis import generate_text, load_model
     from ..config import ConfigError

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import PRESETS, ConfigError, TrainingConfig
-from ._namespace import COLAB_WORKSPACE, LOCAL_WORKSPACE, SCRATCH_WORKSPACE, env_value, show_path
+from ._namespace import COLAB_WORKSPACE, LOCAL_WORKSPACE, SCRATCH_WORKSPACE, env_value, show_path, text_output
 
 DEFAULTS = {"run_name": "notebook_run", "preset": "tiny", "epochs": 2, "workspace": ""}
 
@@ -65,6 +65,7 @@ def plan(ns: dict[str, Any], run_name: str, preset: str, epochs: int | str, work
     return Plan(config=config, scratch=scratch, notes=notes)
 
 
+@text_output
 def run(
     ns: dict[str, Any],
     run_name: str = DEFAULTS["run_name"],

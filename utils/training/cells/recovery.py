@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainingConfig
-from ._namespace import DRIVE_WORKSPACE, close_db, env_value, publish, show_path
+from ._namespace import DRIVE_WORKSPACE, close_db, env_value, publish, show_path, text_output
 from .training import print_epochs
 
 
@@ -59,6 +59,7 @@ def record_session(db: Any, results: dict[str, Any], config: TrainingConfig) -> 
                          recovered_from=linked), False  # fmt: skip
 
 
+@text_output
 def run(ns: dict[str, Any], checkpoint_directory: str = "", run_name: str | None = None) -> None:
     """Recover the newest run (or `run_name`) from the given folder or the search locations."""
     given, source = _given_directory(checkpoint_directory)
@@ -151,6 +152,7 @@ def runs_on_disk(ns: dict[str, Any], checkpoint_directory: str = "") -> list[Pat
     return sorted(found.values(), key=newest_step, reverse=True)
 
 
+@text_output
 def picker(ns: dict[str, Any], checkpoint_directory: str = "") -> None:
     """An optional ipywidgets layer over `run`: a list of the runs on disk and a button that
     recovers the chosen one. Shown only with two or more runs and ipywidgets installed;

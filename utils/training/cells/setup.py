@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ._namespace import COLAB_WORKSPACE, DRIVE_MOUNT, DRIVE_WORKSPACE
+from ._namespace import COLAB_WORKSPACE, DRIVE_MOUNT, DRIVE_WORKSPACE, text_output
 
 
 def in_colab() -> bool:
@@ -24,6 +24,7 @@ def mount_drive() -> str | None:
     return None
 
 
+@text_output
 def run(ns: dict[str, Any], use_google_drive: bool = True) -> None:
     import torch
 

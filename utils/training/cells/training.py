@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ConfigError, TrainingConfig
-from ._namespace import SCRATCH_WORKSPACE, close_db, publish, show_path
+from ._namespace import SCRATCH_WORKSPACE, close_db, publish, show_path, text_output
 from .parameters import DEFAULTS, plan
 
 
@@ -48,6 +48,7 @@ def _clear_scratch(config: TrainingConfig) -> None:
         print(f"Scratch workspace {show_path(root)}: cleared, so this run starts afresh.")
 
 
+@text_output
 def run(ns: dict[str, Any], resume: str = "auto", progress: bool = True) -> None:
     from ..engine.checkpoint import CheckpointError
     from ..engine.data import CorpusError

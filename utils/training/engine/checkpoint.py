@@ -321,11 +321,25 @@ class CheckpointManager:
         self,
         step: int,
         *,
-        model_state: dict[str, torch.Tensor],
         training_state: dict[str, Any],
         trainer_state: dict[str, Any],
         manifest_fields: dict[str, Any] | None = None,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        model_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """Save `model` (or a ready `model_state`) and `optimizer` with the training and trainer
+        state as checkpoint `step`. Buffers that the next forward pass changes in place (BatchNorm
+        running statistics, an EMA) are copied now, before this returns; parameters and optimizer
+        state change only at the next optimizer step, which waits for the snapshot."""
+        if model_state is None:
+            if model is None:
+                raise TypeError("CheckpointManager.save needs model= or model_state=")
+            from .checkpoint_steps import model_state_for_save
+
+            model_state = model_state_for_save(model, copy_buffers=self.async_save)
+        if optimizer is not None:
+            training_state = {**training_state, "optimizer": optimizer.state_dict()}
         self.wait_until_finished()
         unique, aliases = split_tied(model_state)
         trainer_json = encode_json(trainer_state)
@@ -395,6 +409,30 @@ class CheckpointManager:
             )
         except BaseException as exc:  # handed to the training thread by check()
             self._error = exc
+
+    def restore(self, step: int | None = None, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+        """Load checkpoint `step` (default: the newest one that verifies), every hash checked."""
+        self.wait_until_finished()
+        if step is not None:
+            return load_checkpoint(self.run_dir / step_dir_name(step), map_location)
+        for _, path in list_checkpoints(self.run_dir):
+            try:
+                return load_checkpoint(path, map_location)
+            except CheckpointCorrupt as exc:
+                log.warning("skipping checkpoint %s: %s", path, exc.reason)
+        raise NoCheckpointFound(self.run_dir, "no checkpoint that verifies", "train first, or check the folder")
+
+    def latest_step(self) -> int | None:
+        """Step of the newest checkpoint that passes the cheap check, or None."""
+        from .checkpoint_steps import latest_step
+
+        return latest_step(self.run_dir)
+
+    def best_step(self) -> int | None:
+        """Step of the best checkpoint by the monitored metric (newest when none has it), or None."""
+        from .checkpoint_steps import best_step
+
+        return best_step(self.run_dir, self.monitor_metric, self.monitor_mode)
 
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

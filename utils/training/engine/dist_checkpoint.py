@@ -26,7 +26,18 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .checkpoint import MODEL_FILE, STATE_FILE, TRAINER_FILE, apply_retention, split_tied, step_dir_name
+from .checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    TRAINER_FILE,
+    LoadedCheckpoint,
+    NoCheckpointFound,
+    apply_retention,
+    load_checkpoint,
+    split_tied,
+    step_dir_name,
+)
+from .checkpoint_steps import best_step, latest_step
 from .commit import (
     CheckpointWriteError,
     HashingWriter,
@@ -68,6 +79,7 @@ class DistributedCheckpointManager:
         self.run_dir = Path(run_dir)
         self.retention = dict(keep_last=keep_last, keep_best=keep_best, monitor_metric=monitor_metric,
                               monitor_mode=monitor_mode)  # fmt: skip
+        self.monitor_metric, self.monitor_mode = monitor_metric, monitor_mode
         self.async_save = async_save and hasattr(dcp, "async_save")
         self._group = dist.new_group(backend="gloo") if self.async_save else None
         self._pending: dict[str, Any] | None = None
@@ -145,6 +157,22 @@ class DistributedCheckpointManager:
                                        "free disk space; older checkpoints are intact")  # fmt: skip
         self.last_saved_path = final
         self.saves_completed += 1
+
+    def restore(self, step: int | None = None, map_location: str | torch.device = "cpu") -> LoadedCheckpoint:
+        """Load checkpoint `step` (default: the newest that verifies); its dcp/ shards are loaded
+        into a wrapped model with `load_distributed`. Collective: finishes a save in flight."""
+        self.wait_until_finished()
+        if step is None:
+            step = latest_step(self.run_dir)
+            if step is None:
+                raise NoCheckpointFound(self.run_dir, "no checkpoint that verifies", "train first")
+        return load_checkpoint(self.run_dir / step_dir_name(step), map_location)
+
+    def latest_step(self) -> int | None:
+        return latest_step(self.run_dir)
+
+    def best_step(self) -> int | None:
+        return best_step(self.run_dir, self.monitor_metric, self.monitor_mode)
 
     def wait_for_snapshot(self) -> None:
         """dcp.async_save has already staged the state to CPU when it returns."""

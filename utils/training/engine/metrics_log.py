@@ -1,5 +1,6 @@
-"""metrics.jsonl: one line per completed epoch, appended and fsynced; cut back atomically on resume;
-read tolerantly (a torn last line, as a crash mid-append leaves, is ignored)."""
+"""metrics.jsonl (one line per completed epoch) and steps.jsonl (one line per logging interval):
+appended and fsynced, cut back atomically on resume to the checkpoint's step, read tolerantly (a
+torn last line, as a crash mid-append leaves, is ignored)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 from .commit import CheckpointCorrupt, fsync_dir
 
 METRICS_FILE = "metrics.jsonl"
+STEPS_FILE = "steps.jsonl"
+STEP_HISTORY_MAX_ROWS = 5000  # step_history past this is thinned by a uniform stride
 MAX_METRICS_BYTES = 256 * 1024 * 1024  # one short line per epoch: far beyond any real run
 
 
@@ -52,6 +55,65 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
         if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
             rows[row["epoch"]] = row
     return [rows[e] for e in sorted(rows)]
+
+
+class StepsLog:
+    """steps.jsonl, open for appending: each line is written and flushed as it comes; `sync()`
+    (called before every checkpoint and at the end) fsyncs, so every line up to a checkpoint's
+    step is durable when the checkpoint is. Lines past the newest checkpoint are cut by `trim`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row, sort_keys=True) + "\n")
+        self._file.flush()
+
+    def sync(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self.sync()
+            self._file.close()
+
+
+def read_steps_log(path: Path, *, up_to_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of steps.jsonl in step order (the last line for a step wins), up to `up_to_step`."""
+    rows: dict[int, dict[str, Any]] = {}
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METRICS_BYTES + 1)
+    except OSError:
+        return []
+    if len(raw) > MAX_METRICS_BYTES:
+        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a steps log")
+    for line in raw.splitlines():
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool) and (up_to_step is None or step <= up_to_step):
+            rows[step] = row
+    return [rows[s] for s in sorted(rows)]
+
+
+def thin_rows(rows: list[dict[str, Any]], max_rows: int = STEP_HISTORY_MAX_ROWS) -> list[dict[str, Any]]:
+    """At most about max_rows rows by a uniform stride, always keeping the last one."""
+    if len(rows) <= max_rows:
+        return rows
+    stride = -(-len(rows) // max_rows)
+    kept = rows[len(rows) - 1 :: -stride][::-1]
+    return kept
+
+
+def trim_steps_log(path: Path, step: int) -> None:
+    """Cut steps.jsonl back to the lines at or before `step` (a resume replays the rest exactly)."""
+    if Path(path).exists():
+        rewrite_jsonl(Path(path), read_steps_log(path, up_to_step=step))
 
 
 def drift_history(metrics_history: list[dict]) -> list[dict]:

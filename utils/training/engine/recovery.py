@@ -14,10 +14,11 @@ from typing import Any
 
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
 from .layout import NoCheckpointFound, list_checkpoints, list_leftovers
-from .metrics_log import METRICS_FILE, drift_history, read_metrics_log
+from .metrics_log import METRICS_FILE, STEPS_FILE, drift_history, read_metrics_log, read_steps_log, thin_rows
 from .trainer_state import TRAINER_FILE, read_trainer_state
 
 RUN_FILE = "run.json"
+DEFAULT_TASK_PATH = "utils.training.engine.lm_task:build_task"  # runs from before the Task API (no torch import here)
 DEFAULT_SEARCH_DIRS = (
     "/content/workspace/checkpoints",
     "./training_output/checkpoints",
@@ -129,6 +130,12 @@ def build_results(
     by_epoch = {r["epoch"]: r for r in rows if 1 <= r["epoch"] <= epochs_done}
     metrics_history = [by_epoch[e] for e in sorted(by_epoch)]
     workspace = run_dir.parent.parent
+    step = int(state.get("step", 0))
+    try:  # step-level rows up to the recovered checkpoint (lines past it belong to a crashed process)
+        step_history = thin_rows(read_steps_log(run_dir / STEPS_FILE, up_to_step=step))
+    except CheckpointCorrupt as exc:
+        step_history = []
+        skipped.append({"path": exc.path, "reason": exc.reason})
     monitor = config.get("monitor_metric", "val/loss")
     monitor_mode = config.get("monitor_mode", "min")
     return {
@@ -152,6 +159,8 @@ def build_results(
         "total_steps": state.get("total_steps"),
         "completed": bool(state.get("completed", False)),
         "resume_count": int(state.get("resume_count", 0)),
+        "step_history": step_history,
+        "task": state.get("task") or run_info.get("task") or DEFAULT_TASK_PATH,
     }
 
 

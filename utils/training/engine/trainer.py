@@ -1,5 +1,5 @@
-"""The training loop: AdamW, warmup + cosine LR, grad clipping, AMP on CUDA, evaluation each
-epoch, drift metrics, and checkpoints at epoch ends, every N steps and every T seconds.
+"""The Trainer: builds a run from a Task (the byte LM by default), resumes it from its newest
+checkpoint, and hands it to the loop. `train(config, build_task=...)` is the one-call form.
 
 Everything a resume needs is in the checkpoint: weights, optimizer, scheduler, scaler,
 every RNG, the data position and the epoch's running sums, so a run resumed from any step
@@ -10,84 +10,87 @@ next step boundary with a checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..config import TrainingConfig
 from . import distributed as dist_utils
-from .checkpoint import (
-    CheckpointManager,
-    list_leftovers,
-    step_dir_name,
-)
+from .batches import TrainBatches, check_steps
+from .checkpoint import CheckpointManager, LoadedCheckpoint, list_leftovers, read_training_state
 from .commit import CheckpointCorrupt, CheckpointWriteError, fsync_dir, read_json, remove_tree, write_json_file
-from .data import BatchStream, Corpus, token_histogram, validation_batches
 from .devices import resolve_amp_dtype, resolve_device
-from .dist_checkpoint import DistributedCheckpointManager
-from .drift import epoch_drift, snapshot_parameters, update_ratios
+from .dist_checkpoint import DistributedCheckpointManager, is_distributed_checkpoint, load_distributed, rank_state_file
 from .experiment_db import ExperimentDB
-from .metrics_log import METRICS_FILE, append_jsonl, rewrite_jsonl
-from .model import ByteTransformer
+from .loop import Loop
+from .metrics_log import METRICS_FILE, STEPS_FILE, StepsLog, rewrite_jsonl, trim_steps_log
 from .recovery import RUN_FILE, build_results
-from .reproducibility import rng_state, seed_everything
-from .resume import ResumeError, check_compatible, find_resume_checkpoint, restore_training_state
+from .reproducibility import seed_everything
+from .resume import ResumeError, check_compatible, find_resume_checkpoint
 from .runlock import RunLock
 from .stop import StopRequested
-from .trainer_state import TRAINER_STATE_VERSION
+from .task import DEFAULT_TASK_PATH, Task, TaskError, build_checked, load_builder
+from .train_state import Progress, RunningSums, TrainState, build_optimizer, lr_multiplier
+
+__all__ = ["ResumeError", "TaskError", "TaskMismatch", "Trainer", "lr_multiplier", "train"]
 
 log = logging.getLogger(__name__)
-AGREE_EVERY_STEPS = 8  # under torchrun: how often ranks agree on a time-based save or a stop
+events = logging.getLogger("utils.training.events")
+Builder = Callable[[TrainingConfig], Task]
 
 
-def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+class TaskMismatch(ResumeError):
+    """The run was trained with another task builder; resuming it needs that one."""
+
+    def __init__(self, checkpoint: Path, recorded: str, given: str) -> None:
+        self.checkpoint, self.recorded, self.given = checkpoint, recorded, given
+        super().__init__(
+            f"checkpoint {checkpoint} was trained with the task builder {recorded!r}, not {given!r}; "
+            f"resume it with {recorded!r}, or use a new run name"
+        )
+
+
+def resolve_builder(build_task: Builder | None, task_path: str | None) -> tuple[Builder, str]:
+    """(builder, its recorded path): the byte LM by default, an import path, or a function."""
+    if build_task is None:
+        path = task_path or DEFAULT_TASK_PATH
+        return load_builder(path), path
+    if task_path is None:
+        module = getattr(build_task, "__module__", None) or "__main__"
+        task_path = f"{module}:{getattr(build_task, '__qualname__', 'build_task')}"
+    return build_task, task_path
 
 
 class Trainer:
     """Train one run. `fit()` returns the results dict; `model` holds the trained model."""
 
-    def __init__(self, config: TrainingConfig, *, resume: str = "auto", progress: bool = True) -> None:
+    def __init__(self, config: TrainingConfig, *, build_task: Builder | None = None, task_path: str | None = None,
+                 resume: str = "auto", progress: bool = True) -> None:  # fmt: skip
         if resume not in ("auto", "never") and not Path(resume).exists():
             raise ResumeError(f"--resume {resume}: no such checkpoint folder; pass auto, never or a step-NNNNNN folder")
         self.config = config
+        self.builder, self.task_path = resolve_builder(build_task, task_path)
         self.resume = resume
         self.progress = progress
         self.runtime = dist_utils.Runtime.from_env(config.device)
         self.device = resolve_device(config.device) if not self.runtime.device else self.runtime.device
         self.amp_dtype = resolve_amp_dtype(config.precision, self.device)
         self.model: torch.nn.Module | None = None
+        self.task: Task | None = None
         self.save_errors: list[str] = []
         self.messages: list[str] = []
 
-    # -- set-up ---------------------------------------------------------------------------
     def _say(self, message: str) -> None:
-        log.info(message)
+        events.info(message)
         self.messages.append(message)
 
-    def _open_db_run(self, db: ExperimentDB, run_info: dict[str, Any] | None) -> int:
-        cfg = self.config
-        if run_info is not None:
-            existing = db.get_run(run_info.get("run_id")) if isinstance(run_info.get("run_id"), int) else None
-            if existing is not None and existing["name"] == cfg.run_name:
-                return existing["id"]
-        return db.create_run(cfg.run_name, cfg.to_dict(), str(cfg.workspace_root))
-
-    # -- the loop -------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        cfg = self.config
-        rt = self.runtime
-        run_dir = cfg.run_dir
+        rt, run_dir = self.runtime, self.config.run_dir
         lock = RunLock(run_dir) if rt.is_main else None
         try:
             if lock is not None:
@@ -100,151 +103,121 @@ class Trainer:
             if lock is not None:
                 lock.release()
 
-    def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
+    # -- set-up ---------------------------------------------------------------------------
+    def _find_checkpoint(self) -> LoadedCheckpoint | None:
+        loaded = find_resume_checkpoint(self.config.run_dir, self.resume, say=self._say)
+        self.runtime.check_same_choice(loaded.step if loaded is not None else -1)
+        if loaded is None:
+            return None
+        recorded = loaded.trainer_state.get("task") or DEFAULT_TASK_PATH
+        if recorded != self.task_path:
+            raise TaskMismatch(loaded.path, recorded, self.task_path)
+        if recorded == DEFAULT_TASK_PATH:
+            check_compatible(loaded, self.config)
+        return loaded
+
+    def _build_state(self, loaded: LoadedCheckpoint | None) -> TrainState:
         cfg, rt, device = self.config, self.runtime, self.device
-        seed_everything(cfg.seed)
-        corpus = Corpus.load(
-            cfg.corpus, max_bytes=cfg.corpus_max_bytes, val_fraction=cfg.val_fraction, context_length=cfg.context_length
-        )
-        self.corpus_fingerprint = corpus.fingerprint
-        model = ByteTransformer.from_config(cfg).to(device)
+        seed_everything(cfg.seed)  # before the builder: the same initial weights every time
+        task = build_checked(self.builder, cfg, self.task_path)
+        self.task = task
+        model = task.model.to(device)
         self.model = model
-        loaded = find_resume_checkpoint(cfg.run_dir, self.resume, say=self._say)
-        rt.check_same_choice(loaded.step if loaded is not None else -1)
         if loaded is not None:
-            check_compatible(loaded, cfg)
-            model.load_state_dict(loaded.model_state)
-        train_model = rt.wrap_model(model, cfg.distributed_strategy)
-
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-        no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.learning_rate,
-            betas=(cfg.beta1, cfg.beta2),
-            # Fused kernels on CUDA; on the CPU the multi-tensor path, ~2x faster than the default loop.
-            **({"fused": True} if device.type == "cuda" else {"foreach": True}),
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: lr_multiplier(
-                s, warmup_steps=cfg.warmup_steps, total_steps=cfg.total_steps, min_lr_ratio=cfg.min_lr_ratio
-            ),
-        )
-        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        stream = BatchStream(
-            corpus.train, batch_size=cfg.batch_size, context_length=cfg.context_length, seed=cfg.seed, rank=rt.rank
-        )
-        val_batches = validation_batches(
-            corpus.val,
-            count=cfg.eval_batches,
-            batch_size=cfg.batch_size,
-            context_length=cfg.context_length,
-            seed=cfg.seed,
-        )
-        val_counts = token_histogram(corpus.val)
-        probe = val_batches[0][0][: min(4, cfg.batch_size)].to(device)
-
-        # Per-epoch running sums live on the device (no host sync per step) and in checkpoints.
-        acc = self._fresh_accumulators(device)
-        state: dict[str, Any] = {
-            "step": 0, "epoch": 0, "metrics_history": [], "best": None,
-            "resume_count": 0, "wall_seconds": 0.0,
-        }  # fmt: skip
-        run_info: dict[str, Any] | None = None
-        if (run_dir / RUN_FILE).is_file():
             try:
-                run_info = read_json(run_dir / RUN_FILE, RUN_FILE)  # size-capped, symlinks refused
-            except CheckpointCorrupt:
-                run_info = None  # informative only: a fresh one is written below
-            if not isinstance(run_info, dict):
-                run_info = None
+                model.load_state_dict(loaded.model_state)
+            except RuntimeError as exc:
+                raise ResumeError(f"checkpoint {loaded.path} does not fit the task's model: {exc}") from exc
+        train_model = rt.wrap_model(model, cfg.distributed_strategy)
+        train = TrainBatches(task, batch_size=cfg.batch_size, seed=cfg.seed, rank=rt.rank, world_size=rt.world_size,
+                             pin=device.type == "cuda")  # fmt: skip
+        steps_per_epoch = check_steps(train, cfg.steps_per_epoch)
+        train.set_steps_per_epoch(steps_per_epoch)
+        total_steps = cfg.epochs * steps_per_epoch
+        optimizer, scheduler = build_optimizer(task, model, cfg, total_steps=total_steps, device=device)
+        vocab = task.language_model.vocab_size if task.language_model is not None else None
+        ts = TrainState(
+            config=cfg, task=task, task_path=self.task_path, model=model, train_model=train_model,
+            optimizer=optimizer, scheduler=scheduler,
+            scaler=torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16),
+            train=train, steps_per_epoch=steps_per_epoch, total_steps=total_steps, device=device,
+            progress=Progress(), epoch_sums=RunningSums.fresh(device, vocab), interval_sums=RunningSums.fresh(device, vocab),
+        )  # fmt: skip
         if loaded is not None:
-            restore_training_state(
-                loaded, rt, cfg, train_model=train_model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                stream=stream, acc=acc, state=state,
-            )  # fmt: skip
-            if loaded.trainer_state.get("corpus_fingerprint") not in (None, corpus.fingerprint):
-                self._say("the corpus differs from the one this run was trained on; continuing with the new one")
-            self._say(f"resumed from {loaded.path} (step {state['step']}, epoch {state['epoch']})")
+            self._restore(ts, loaded)
+        return ts
 
-        db: ExperimentDB | None = None
-        manager: CheckpointManager | None = None
-        status = "failed"
+    def _restore(self, ts: TrainState, loaded: LoadedCheckpoint) -> None:
+        rt, cfg = self.runtime, self.config
+        training_state = loaded.training_state
+        own_file = loaded.path / rank_state_file(rt.rank)
+        if rt.rank > 0 and own_file.is_file():  # this rank's RNG and running sums (same world size)
+            training_state = read_training_state(own_file)
+        distributed = is_distributed_checkpoint(loaded.path)
+        if distributed:
+            load_distributed(loaded.path, ts.train_model, ts.optimizer)
+            # dcp/ keeps one copy of each replicated buffer, from whichever rank its planner picked;
+            # DDP's forward broadcasts rank 0's, so every rank takes rank 0's (model.safetensors).
+            with torch.no_grad():
+                for name, buffer in ts.model.named_buffers():
+                    if name in loaded.model_state:
+                        buffer.copy_(loaded.model_state[name])
+        elif rt.distributed and cfg.distributed_strategy == "fsdp":
+            raise ResumeError(
+                f"{loaded.path} was written by a single process; an FSDP job resumes only from FSDP/DDP "
+                "checkpoints. Resume it once with DDP (the default strategy), then switch to FSDP"
+            )
+        ts.restore(loaded, training_state, load_optimizer=not distributed)
+        recorded = loaded.trainer_state.get("corpus_fingerprint")
+        if recorded not in (None, ts.task.data_fingerprint):
+            self._say("the training data differs from the data this run was trained on; continuing with the new one")
+        self._say(f"resumed from {loaded.path} (step {ts.progress.step}, epoch {ts.epoch})")
+
+    def _read_run_info(self, run_dir: Path) -> dict[str, Any] | None:
+        if not (run_dir / RUN_FILE).is_file():
+            return None
         try:
-            if rt.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                self._clean_leftovers(run_dir)
-                db = ExperimentDB(cfg.db_path)
-                run_id = self._open_db_run(db, run_info)
-                if run_info is None or run_info.get("run_id") != run_id:
-                    self._write_run_info(run_dir, run_id)
-                if loaded is not None and state["step"] >= cfg.total_steps:
-                    self._say(
-                        f"run {cfg.run_name} is already complete at step {state['step']}; "
-                        "raise epochs to train further, or use a new run name"
-                    )
-                elif loaded is not None:
-                    db.mark_resumed(run_id)
-                    db.delete_metrics_after(run_id, state["step"])
-                    rewrite_jsonl(run_dir / METRICS_FILE, state["metrics_history"])
-                elif (run_dir / METRICS_FILE).exists():
-                    rewrite_jsonl(run_dir / METRICS_FILE, [])
-            else:
-                run_id = None
-            state["run_id"] = run_id = rt.broadcast_object(run_id)
-            retention = dict(keep_last=cfg.keep_last, keep_best=cfg.keep_best, monitor_metric=cfg.monitor_metric,
-                             monitor_mode=cfg.monitor_mode, async_save=cfg.async_save)  # fmt: skip
-            if rt.distributed:
-                manager = DistributedCheckpointManager(rt, run_dir, **retention)
-            elif rt.is_main:
-                manager = CheckpointManager(run_dir, **retention)
+            info = read_json(run_dir / RUN_FILE, RUN_FILE)  # size-capped, symlinks refused
+        except CheckpointCorrupt:
+            return None  # informative only: a fresh one is written
+        return info if isinstance(info, dict) else None
 
-            status = self._loop(
-                train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
-                acc, state, manager, db, run_id, stop,
-            )  # fmt: skip
-            if manager is not None:
-                manager.close()
-        except BaseException:
-            if manager is not None and not rt.distributed:  # a collective wait could hang on a dead peer
-                manager.close(raise_errors=False)
-            if db is not None and state.get("run_id") is not None:
-                try:
-                    db.set_status(state["run_id"], "failed", finished=True)
-                except Exception:  # noqa: BLE001 - a full disk must not hide the error that stopped training
-                    log.exception("could not record the failed status in %s", cfg.db_path)
-            raise
-        finally:
-            if db is not None and status != "failed":
-                db.set_status(run_id, status, finished=status == "completed")
-                if manager is not None and manager.last_saved_path is not None:
-                    db.log_artifact(run_id, "checkpoint", str(manager.last_saved_path), step=state["step"])
-            if db is not None:
-                db.close()
-        rt.barrier()
-        results = build_results(run_dir, recovered=False)
-        results.update(status=status, messages=self.messages, save_errors=self.save_errors)
-        return results
+    def _open_db_run(self, db: ExperimentDB, run_info: dict[str, Any] | None) -> int:
+        cfg = self.config
+        if run_info is not None:
+            existing = db.get_run(run_info.get("run_id")) if isinstance(run_info.get("run_id"), int) else None
+            if existing is not None and existing["name"] == cfg.run_name:
+                return existing["id"]
+        return db.create_run(cfg.run_name, cfg.to_dict(), str(cfg.workspace_root))
 
-    @staticmethod
-    def _fresh_accumulators(device: torch.device) -> dict[str, Any]:
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        return {
-            "loss_sum": zero.clone(), "grad_norm_sum": zero.clone(), "grad_norm_sq_sum": zero.clone(),
-            "token_counts": torch.zeros(256, dtype=torch.int64),  # on the host (see _loop)
-            "steps": 0, "seconds": 0.0,
-        }  # fmt: skip
-
-    def _clean_leftovers(self, run_dir: Path) -> None:
+    def _prepare_run_folder(self, ts: TrainState, resumed: bool) -> None:
+        """Main process: leftovers removed, run.json and the database row, logs cut to the checkpoint."""
+        cfg, run_dir, p = self.config, self.config.run_dir, ts.progress
+        run_dir.mkdir(parents=True, exist_ok=True)
         for leftover in list_leftovers(run_dir):
             self._say(f"removing {leftover.name}: an unfinished save from an earlier process")
             remove_tree(leftover)
+        run_info = self._read_run_info(run_dir)
+        ts.db = ExperimentDB(cfg.db_path)
+        p.run_id = self._open_db_run(ts.db, run_info)
+        if run_info is None or run_info.get("run_id") != p.run_id or run_info.get("task") != self.task_path:
+            self._write_run_info(run_dir, p.run_id)
+        if resumed and p.step >= ts.total_steps:
+            self._say(f"run {cfg.run_name} is already complete at step {p.step}; "
+                      "raise epochs to train further, or use a new run name")  # fmt: skip
+        elif resumed:
+            ts.db.mark_resumed(p.run_id)
+            ts.db.delete_metrics_after(p.run_id, p.step)
+            rewrite_jsonl(run_dir / METRICS_FILE, p.metrics_history)
+        elif (run_dir / METRICS_FILE).exists():
+            rewrite_jsonl(run_dir / METRICS_FILE, [])
+        trim_steps_log(run_dir / STEPS_FILE, p.step if resumed else 0)
 
     def _write_run_info(self, run_dir: Path, run_id: int) -> None:
         info = {
             "run_id": run_id,
             "run_name": self.config.run_name,
+            "task": self.task_path,
             "config": self.config.to_dict(),
             "created_at": time.time(),
             "versions": {"torch": torch.__version__, "format": 1},
@@ -254,94 +227,68 @@ class Trainer:
         os.replace(tmp, run_dir / RUN_FILE)
         fsync_dir(run_dir)
 
-    def _loop(self, train_model, model, optimizer, scheduler, scaler, stream, val_batches, val_counts, probe,
-              acc, state, manager, db, run_id, stop) -> str:  # fmt: skip
-        cfg, rt, device = self.config, self.runtime, self.device
-        tokens_per_step = cfg.batch_size * cfg.context_length * rt.world_size
-        pin = device.type == "cuda"
-        bar = None
-        if self.progress and rt.is_main:
-            from tqdm.auto import tqdm
+    def _manager(self, run_dir: Path) -> Any:
+        cfg, rt = self.config, self.runtime
+        retention = dict(keep_last=cfg.keep_last, keep_best=cfg.keep_best, monitor_metric=cfg.monitor_metric,
+                         monitor_mode=cfg.monitor_mode, async_save=cfg.async_save)  # fmt: skip
+        if rt.distributed:
+            return DistributedCheckpointManager(rt, run_dir, **retention)
+        if not rt.is_main:
+            return None
+        return CheckpointManager(run_dir, **retention, release_buffers=cfg.release_snapshot_buffers)
 
-            bar = tqdm(total=cfg.total_steps, initial=state["step"], desc=cfg.run_name, unit="step", dynamic_ncols=True)
-        last_save_time = session_start = time.monotonic()
-        wall_base = state["wall_seconds"]
-        epoch_start = time.monotonic() - acc["seconds"]
-        train_model.train()
+    # -- the run --------------------------------------------------------------------------
+    def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
+        rt = self.runtime
+        loaded = self._find_checkpoint()
+        ts = self._build_state(loaded)
+        steps_log: StepsLog | None = None
+        status = "failed"
         try:
-            while state["step"] < cfg.total_steps:
-                step = state["step"]
-                last_of_epoch = (step + 1) % cfg.steps_per_epoch == 0
-                x_cpu, y_cpu = stream.next_batch()
-                # The byte histogram for drift is counted on the host: no device sync per step.
-                acc["token_counts"] += torch.bincount(x_cpu.view(-1), minlength=256)
-                if pin:
-                    x_cpu, y_cpu = x_cpu.pin_memory(), y_cpu.pin_memory()
-                x = x_cpu.to(device, non_blocking=True)
-                y = y_cpu.to(device, non_blocking=True)
-                with self._autocast():
-                    logits = train_model(x)
-                    loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-                max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor already reduced across ranks
-                    grad_norm = grad_norm.full_tensor()
-                before = snapshot_parameters(model) if last_of_epoch else None
-                if manager is not None:
-                    manager.wait_for_snapshot()  # a save in flight may still be copying this state
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                state["step"] = step = step + 1
-                acc["loss_sum"] += loss.detach().double()
-                acc["grad_norm_sum"] += grad_norm.detach().double()
-                acc["grad_norm_sq_sum"] += grad_norm.detach().double() ** 2
-                acc["steps"] += 1
-                if bar is not None:
-                    bar.update(1)
-                    if step % 25 == 0 or last_of_epoch:
-                        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-
-                reason = None
-                if last_of_epoch:
-                    self._end_epoch(model, val_batches, val_counts, probe, acc, state, before, scheduler,
-                                    tokens_per_step, time.monotonic() - epoch_start, run_id, db)  # fmt: skip
-                    reason = "epoch_end"
-                    # The epoch is done: its sums are in the metrics row, and the checkpoint must
-                    # carry the next epoch's (empty) ones, or a resume would count this epoch twice.
-                    acc = self._fresh_accumulators(device)
-                    epoch_start = time.monotonic()
-                elif cfg.save_every_steps and step % cfg.save_every_steps == 0:
-                    reason = "step"
-                time_due = bool(cfg.save_every_seconds) and time.monotonic() - last_save_time >= cfg.save_every_seconds
-                stop_now = stop.reason is not None
-                if rt.distributed:  # ranks agree every few steps: one tiny collective, not one per step
-                    agree = step % AGREE_EVERY_STEPS == 0 or step == cfg.total_steps
-                    time_due, stop_now = rt.any_true(time_due, stop_now) if agree else (False, False)
-                stop_reason = (stop.reason or "a signal to another rank") if stop_now else None
-                if reason is None and time_due:
-                    reason = "time"
-                if reason is None and stop_reason is not None:
-                    reason = "signal"
-                if reason is not None:
-                    acc["seconds"] = time.monotonic() - epoch_start
-                    state["wall_seconds"] = wall_base + time.monotonic() - session_start
-                    self._save(manager, train_model, optimizer, scheduler, scaler, stream, acc, state, reason)
-                    last_save_time = time.monotonic()
-                if manager is not None:
-                    self._surface_save_error(manager)
-                if stop_reason is not None:
-                    self._say(
-                        f"stopped by {stop_reason} at step {step}; checkpoint saved, resume with the same command"
-                    )
-                    return "interrupted"
-            return "completed"
+            if rt.is_main:
+                self._prepare_run_folder(ts, resumed=loaded is not None)
+                steps_log = StepsLog(run_dir / STEPS_FILE)
+            ts.progress.run_id = rt.broadcast_object(ts.progress.run_id)
+            ts.manager = self._manager(run_dir)
+            loop = Loop(ts, runtime=rt, stop=stop, autocast=self._autocast, say=self._say,
+                        on_save_error=self._handle_save_error, steps_log=steps_log, progress=self.progress)  # fmt: skip
+            status = loop.run()
+            if ts.manager is not None:
+                ts.manager.close()
+                loop.report_saved()
+        except BaseException:
+            self._close_after_failure(ts)
+            raise
         finally:
-            if bar is not None:
-                bar.close()
+            if steps_log is not None:
+                steps_log.close()
+            self._finish_db(ts, status)
+        rt.barrier()
+        results = build_results(run_dir, recovered=False)
+        results.update(status=status, messages=self.messages, save_errors=self.save_errors)
+        return results
+
+    def _close_after_failure(self, ts: TrainState) -> None:
+        if ts.manager is not None and not self.runtime.distributed:  # a collective wait could hang on a dead peer
+            ts.manager.close(raise_errors=False)
+        if ts.db is not None and ts.progress.run_id is not None:
+            try:
+                ts.db.set_status(ts.progress.run_id, "failed", finished=True)
+            except Exception:  # noqa: BLE001 - a full disk must not hide the error that stopped training
+                log.exception("could not record the failed status in %s", self.config.db_path)
+
+    def _finish_db(self, ts: TrainState, status: str) -> None:
+        if ts.db is None:
+            return
+        try:
+            if status != "failed":
+                ts.db.set_status(ts.progress.run_id, status, finished=status == "completed")
+                manager = ts.manager
+                if manager is not None and manager.last_saved_path is not None:
+                    ts.db.log_artifact(ts.progress.run_id, "checkpoint", str(manager.last_saved_path),
+                                       step=ts.progress.step)  # fmt: skip
+        finally:
+            ts.db.close()
 
     def _autocast(self) -> Any:
         """Mixed precision where the config asks for it (CUDA), a no-op elsewhere."""
@@ -349,133 +296,15 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _surface_save_error(self, manager: CheckpointManager) -> None:
-        try:
-            manager.check()
-        except CheckpointWriteError as exc:
-            self._handle_save_error(exc)
-
     def _handle_save_error(self, exc: CheckpointWriteError) -> None:
         if self.config.on_save_error == "stop":
             raise exc
         self.save_errors.append(str(exc))
         self._say(f"checkpoint save failed, training continues (on_save_error=continue): {exc}")
 
-    @torch.no_grad()
-    def _evaluate(self, model, val_batches) -> float:
-        model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for x, y in val_batches:
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                logits = model(x)
-            total += F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1)).double()
-        model.train()
-        return float(total) / len(val_batches)
 
-    def _end_epoch(self, model, val_batches, val_counts, probe, acc, state, before, scheduler, tokens_per_step,
-                   epoch_seconds, run_id, db) -> None:  # fmt: skip
-        cfg, rt = self.config, self.runtime
-        epoch = state["step"] // cfg.steps_per_epoch
-        sums = rt.all_reduce_sum(torch.stack([acc["loss_sum"], acc["grad_norm_sum"], acc["grad_norm_sq_sum"]]).double())
-        steps = acc["steps"]
-        train_loss = float(sums[0]) / (steps * rt.world_size)
-        val_loss = self._evaluate(model, val_batches)
-        drift = epoch_drift(
-            model=model,
-            probe=probe,
-            train_token_counts=rt.all_reduce_sum(acc["token_counts"]).cpu(),
-            val_token_counts=val_counts,
-            grad_norm_sum=float(sums[1]) / rt.world_size,
-            grad_norm_sq_sum=float(sums[2]) / rt.world_size,
-            steps=steps,
-            update_ratio=update_ratios(before, model),
-            previous_entropy=state["metrics_history"][-1].get("drift/probe_entropy")
-            if state["metrics_history"]
-            else None,
-        )
-        row = {
-            "epoch": epoch,
-            "step": state["step"],
-            "train/loss": train_loss,
-            "train/perplexity": math.exp(min(train_loss, 50.0)),
-            "val/loss": val_loss,
-            "val/perplexity": math.exp(min(val_loss, 50.0)),
-            "learning_rate": scheduler.get_last_lr()[0],
-            "grad_norm": float(sums[1]) / (steps * rt.world_size),
-            "epoch_seconds": epoch_seconds,
-            "tokens_per_second": steps * tokens_per_step / max(epoch_seconds, 1e-9),
-            "time": time.time(),
-            **drift,
-        }
-        state["metrics_history"].append(row)
-        monitored = row.get(cfg.monitor_metric)
-        best = state["best"]
-        if isinstance(monitored, (int, float)) and math.isfinite(monitored):
-            better = best is None or (
-                monitored < best["value"] if cfg.monitor_mode == "min" else monitored > best["value"]
-            )
-            if better:
-                state["best"] = {
-                    "metric": cfg.monitor_metric, "mode": cfg.monitor_mode, "value": monitored,
-                    "step": state["step"], "epoch": epoch, "checkpoint": step_dir_name(state["step"]),
-                }  # fmt: skip
-        if rt.is_main:
-            append_jsonl(self.config.run_dir / METRICS_FILE, row)
-            if db is not None:
-                db.log_metrics(
-                    run_id, state["step"], epoch, {k: v for k, v in row.items() if k not in ("epoch", "step")}
-                )
-
-    def _save(self, manager, model, optimizer, scheduler, scaler, stream, acc, state, reason) -> None:
-        cfg, rt = self.config, self.runtime
-        training_state = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "rng": rng_state(),
-            "data": stream.state_dict(),
-            # Copied now: the next step adds to them before the writer thread has taken its copy.
-            "accumulators": {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in acc.items()},
-        }
-        step = state["step"]
-        epoch_done = step // cfg.steps_per_epoch
-        metrics = state["metrics_history"][-1] if reason == "epoch_end" and state["metrics_history"] else {}
-        trainer_state = {
-            "format_version": TRAINER_STATE_VERSION,
-            "run_name": cfg.run_name,
-            "run_id": state["run_id"],
-            "step": step,
-            "epoch": epoch_done,
-            "step_in_epoch": step - epoch_done * cfg.steps_per_epoch,
-            "total_steps": cfg.total_steps,
-            "completed": step >= cfg.total_steps,
-            "reason": reason,
-            "saved_at": time.time(),
-            "resume_count": state["resume_count"],
-            "wall_seconds": state["wall_seconds"],
-            "metrics_history": state["metrics_history"],
-            "best": state["best"],
-            "config": cfg.to_dict(),
-            "world_size": rt.world_size,
-            "corpus_fingerprint": self.corpus_fingerprint,
-        }
-        manifest_fields = {
-            "epoch": epoch_done,
-            "reason": reason,
-            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
-        }
-        try:
-            if rt.distributed:
-                manager.save(step, model=model, optimizer=optimizer, training_state=training_state,
-                             trainer_state=trainer_state, manifest_fields=manifest_fields)  # fmt: skip
-            elif manager is not None:
-                manager.save(step, model_state=model.state_dict(), training_state=training_state,
-                             trainer_state=trainer_state, manifest_fields=manifest_fields)  # fmt: skip
-        except CheckpointWriteError as exc:
-            self._handle_save_error(exc)
-
-
-def train(config: TrainingConfig, *, resume: str = "auto", progress: bool = True) -> dict[str, Any]:
-    """Train (or continue) the run described by `config`; returns the results dict."""
-    return Trainer(config, resume=resume, progress=progress).fit()
+def train(config: TrainingConfig, *, build_task: Builder | None = None, task_path: str | None = None,
+          resume: str = "auto", progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Train (or continue) the run described by `config`; returns the results dict.
+    `build_task(config) -> Task` (default: the byte LM); `task_path` is what run.json records."""
+    return Trainer(config, build_task=build_task, task_path=task_path, resume=resume, progress=progress).fit()
