@@ -10,6 +10,7 @@ sides. Whole-run wall time (set-up and eval included) is reported beside it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,10 @@ def engine_run(config: TrainingConfig) -> dict[str, float]:
 
 
 def plain_run(config: TrainingConfig, adamw_flags: dict[str, Any]) -> dict[str, float]:
-    """A hand-written loop, as nanoGPT would write it: same corpus, batches, model, AdamW groups
-    and flags (foreach/fused as the engine's), warmup + cosine schedule, clipping, per-epoch evaluation."""
+    """A hand-written loop, as nanoGPT would write it, doing the same work as the engine: same corpus,
+    batches, model, loss, AdamW groups and flags (foreach/fused as the engine's), warmup + cosine
+    schedule, clipping, a flushed JSON log line of mean loss, grad norm and learning rate every
+    log_every_steps (the engine's steps.jsonl), per-epoch evaluation."""
     with ForwardClock() as clock:
         start = time.perf_counter()
         torch.manual_seed(config.seed)
@@ -114,15 +117,28 @@ def plain_run(config: TrainingConfig, adamw_flags: dict[str, Any]) -> dict[str, 
             context_length=config.context_length, seed=config.seed,
         )  # fmt: skip
         model.train()
+        Path(config.workspace_root).mkdir(parents=True, exist_ok=True)
+        log = open(Path(config.workspace_root) / "plain-steps.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        loss_sum, norm_sum = torch.zeros(()), torch.zeros(())
         for step in range(config.total_steps):
             x, y = stream.next_batch()
             logits = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            loss_sum += loss.detach()
+            norm_sum += norm
+            if config.log_every_steps and (step + 1) % config.log_every_steps == 0:  # the engine's steps.jsonl line
+                n = config.log_every_steps
+                row = {"step": step + 1, "train/loss": float(loss_sum) / n, "grad_norm": float(norm_sum) / n,
+                       "learning_rate": scheduler.get_last_lr()[0], "time": time.time()}  # fmt: skip
+                log.write(json.dumps(row, sort_keys=True) + "\n")
+                log.flush()
+                loss_sum.zero_()
+                norm_sum.zero_()
             if (step + 1) % config.steps_per_epoch == 0:
                 model.eval()
                 with torch.no_grad():
@@ -131,6 +147,7 @@ def plain_run(config: TrainingConfig, adamw_flags: dict[str, Any]) -> dict[str, 
                     )
                 del val_loss
                 model.train()
+        log.close()
         wall = time.perf_counter() - start
     gaps = clock.step_gaps()
     return {"train_seconds": sum(gaps), "steps": len(gaps), "median_step_seconds": median(gaps), "wall_seconds": wall}
@@ -200,8 +217,9 @@ def _loop_entries(
             **common,
             method="per round: engine tokens/s / plain tokens/s over training steps only (set-up, evaluation "
             "and the epoch-end save excluded on both sides: see benchmarks/loop.py); engine = "
-            "Trainer(save_every_steps=0, save_every_seconds=0, progress=False), which still saves at each epoch "
-            "end; the plain loop's AdamW is built with the flags read from the engine's own optimizer "
+            "Trainer(save_every_steps=0, save_every_seconds=0, progress=False) over the byte LM Task "
+            "(lm_task.build_task), which still saves at each epoch end; both sides write a flushed log line of "
+            "mean loss, grad norm and learning rate every log_every_steps; the plain loop's AdamW is built with the flags read from the engine's own optimizer "
             "(engine_adamw_flags, plain_adamw_flags); whole_run_ratio = plain wall / engine wall with set-up, "
             "evaluation and saves included",
         ),  # fmt: skip

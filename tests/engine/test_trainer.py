@@ -118,6 +118,13 @@ def test_resume_from_a_missing_path_is_refused_at_once(tmp_path: Path, make_conf
         Trainer(make_config(tmp_path), resume=str(tmp_path / "nope"), progress=False)
 
 
+@pytest.mark.parametrize("release", [False, True], ids=["kept", "released"])
+def test_release_snapshot_buffers_reaches_the_checkpoint_manager(tmp_path: Path, make_config, release: bool):
+    trainer = Trainer(make_config(tmp_path, release_snapshot_buffers=release), progress=False)
+    manager = trainer._manager(tmp_path / "run")
+    assert manager.release_buffers is release
+
+
 def test_resume_with_another_model_size_is_refused(trained_workspace: dict[str, Any], workspace_copy: Path):
     config = trained_workspace["config"].replace(workspace_root=str(workspace_copy), n_embd=32)
     with pytest.raises(ResumeError, match="n_embd=64 but the config says 32"):
