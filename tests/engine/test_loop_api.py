@@ -114,7 +114,9 @@ def test_release_snapshot_buffers_frees_the_host_copy_after_each_save(tmp_path: 
             # weights and both AdamW moments of the 64x64 layer: the snapshot's float32 copy
             held = run.manager._buffers.resident_bytes()
             assert held == 0 if release else held >= 3 * 64 * 64 * 4
-    assert load_checkpoint(tmp_path / "checkpoints" / "x" / "step-000002").step == 2
+    saved = tmp_path / "checkpoints" / "x" / "step-000002"
+    assert load_checkpoint(saved).step == 2
+    assert (saved / "training_state.safetensors").is_file() and not (saved / "training_state.pt").exists()
 
 
 LOOP = """
