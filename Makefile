@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 DEMO_WORKSPACE ?= ./training_output
 
-.PHONY: install demo test test-browser lint format bench bench-quick notebook-outputs clean
+.PHONY: install demo test test-browser lint format bench bench-quick bench-peers notebook-outputs clean
 
 install: $(STAMP)
 
@@ -66,6 +66,13 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) -m benchmarks --quick --json
+
+# The project beside HF Trainer, Lightning, torch.save and DCP on the same 252 MiB state (PEERS_ARGS=--state-mib 64
+# for a faster run). Installs the pinned `peers` extra, keeping the torch already installed.
+PEERS_ARGS ?=
+bench-peers: $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[peers]' "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PY) -m benchmarks.peers $(PEERS_ARGS)
 
 clean:
 	rm -rf $(VENV) training_output tmp_training_output .pytest_cache

@@ -281,38 +281,50 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .engine.checkpoint import CheckpointError
-    from .engine.data import CorpusError
-    from .engine.devices import DeviceError
-    from .engine.experiment_db import ExperimentDBError
-    from .engine.runlock import RunLocked
-    from .engine.task import TaskError, task_module_path
-    from .engine.trainer import ResumeError
+# Failures a user can act on: printed as one line. Named by module so that a subcommand imports
+# only what it needs (`recover` must not import torch): a class whose module was never imported
+# cannot have been raised.
+_USER_ERRORS = (
+    ("engine.commit", "CheckpointError"),
+    ("engine.data", "CorpusError"),
+    ("engine.devices", "DeviceError"),
+    ("engine.experiment_db", "ExperimentDBError"),
+    ("engine.runlock", "RunLocked"),
+    ("engine.resume", "ResumeError"),
+    ("engine.task", "TaskError"),
+)
 
-    task_module_path()  # the current folder is on sys.path: --task mytask:build finds ./mytask.py
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (CliError, ConfigError)):
+        return True
+    for module_name, class_name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(f"{__package__}.{module_name}"), class_name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def _current_folder_on_path() -> None:
+    """`--task mytask:build` finds ./mytask.py (engine.task.task_module_path, without importing torch)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _current_folder_on_path()
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    expected = (
-        CliError,
-        ConfigError,
-        CorpusError,
-        CheckpointError,
-        ResumeError,
-        DeviceError,
-        RunLocked,
-        ExperimentDBError,
-        TaskError,
-    )
     try:
         return args.func(args)
-    except expected as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line instead of a traceback; TRAINING_DEBUG=1 shows it
+        if _is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
         if os.environ.get("TRAINING_DEBUG"):
             raise
         print(f"error: {type(exc).__name__}: {exc} (set TRAINING_DEBUG=1 for the traceback)", file=sys.stderr)

@@ -78,6 +78,9 @@ class TrainingConfig:
     monitor_metric: str = "val/loss"
     monitor_mode: str = "min"
     async_save: bool = True  # copy state to CPU buffers, write in a background thread
+    # Free those buffers (a full host copy of the state) after each save instead of reusing them:
+    # less resident memory between saves, at the cost of allocating them again at the next save.
+    release_snapshot_buffers: bool = False
     on_save_error: str = "stop"  # "stop" raises; "continue" logs and trains on
 
     # Logging.
@@ -185,6 +188,7 @@ class TrainingConfig:
         )
         need(self.monitor_mode in ("min", "max"), "monitor_mode", "'min' or 'max'")
         need(isinstance(self.async_save, bool), "async_save", "true or false")
+        need(isinstance(self.release_snapshot_buffers, bool), "release_snapshot_buffers", "true or false")
         need(self.on_save_error in ("stop", "continue"), "on_save_error", "'stop' or 'continue'")
         need(isinstance(self.tensorboard, bool), "tensorboard", "true or false")
         device_ok = isinstance(self.device, str) and (

@@ -22,8 +22,10 @@ import xxhash
 
 MANIFEST_NAME = "MANIFEST.json"
 # 2: the manifest carries a hash of its own content, so a flipped byte in it is caught too.
-# Version 1 manifests (no self-hash) are still read.
-FORMAT_VERSION = 2
+# 3: the training state is training_state.safetensors (tensors + a JSON structure) instead of
+# torch.save's training_state.pt. Version 1 manifests (no self-hash) and version 2 checkpoints
+# (training_state.pt, read with torch.load(weights_only=True)) are still read.
+FORMAT_VERSION = 3
 MANIFEST_HASH_KEY = "manifest_hash"
 HASH_ALGORITHM = "xxh3_128"
 TEMP_PREFIX = ".tmp-"

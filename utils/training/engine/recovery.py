@@ -12,12 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import TRAINER_FILE, NoCheckpointFound, list_checkpoints, list_leftovers
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
-from .drift import drift_history
 from .foreign_runs import SOURCE_OURS, NoForeignCheckpoint, detect, read_foreign_run
-from .metrics_log import METRICS_FILE, STEPS_FILE, read_metrics_log, read_steps_log, thin_rows
-from .trainer_state import read_trainer_state
+from .layout import NoCheckpointFound, list_checkpoints, list_leftovers
+from .metrics_log import METRICS_FILE, STEPS_FILE, drift_history, read_metrics_log, read_steps_log, thin_rows
+from .trainer_state import TRAINER_FILE, read_trainer_state
 
 RUN_FILE = "run.json"
 DEFAULT_TASK_PATH = "utils.training.engine.lm_task:build_task"  # runs from before the Task API (no torch import here)

@@ -233,7 +233,9 @@ class Trainer:
                          monitor_mode=cfg.monitor_mode, async_save=cfg.async_save)  # fmt: skip
         if rt.distributed:
             return DistributedCheckpointManager(rt, run_dir, **retention)
-        return CheckpointManager(run_dir, **retention) if rt.is_main else None
+        if not rt.is_main:
+            return None
+        return CheckpointManager(run_dir, **retention, release_buffers=cfg.release_snapshot_buffers)
 
     # -- the run --------------------------------------------------------------------------
     def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
