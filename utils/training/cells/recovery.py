@@ -89,6 +89,7 @@ def _describe(run: Any) -> str:
 
 def _from_given(ns: dict[str, Any], given: str, source: str) -> dict[str, Any] | None:
     """Strict: the given folder only (a step folder, a run folder, checkpoints/ or a workspace)."""
+    from ..engine.foreign_runs import detect
     from ..engine.recovery import recover
     from ..engine.run_search import find_runs, recover_run
 
@@ -97,6 +98,8 @@ def _from_given(ns: dict[str, Any], given: str, source: str) -> dict[str, Any] |
         print(f"❌ {source}={given} does not exist.")
         print("Next: set it to the folder that holds your run, or clear it to search the usual places.")
         return None
+    if detect(path) is not None:  # a Hugging Face output_dir or a Lightning log folder: read as it is
+        return {**recover(path, search_dirs=[]), "found_by": f"from {source}"}
     runs = find_runs([path])
     if len(runs) == 1 and path.resolve() != runs[0].run_dir.resolve() and path.parent == runs[0].run_dir:
         return {**recover(path, search_dirs=[]), "found_by": f"from {source}"}  # exactly that step folder

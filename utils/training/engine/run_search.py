@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import NoCheckpointFound, list_checkpoints
 from .commit import CheckpointCorrupt, cheap_check
+from .layout import NoCheckpointFound, list_checkpoints
 from .recovery import build_results, resolve_runs
 from .trainer_state import read_trainer_state
 
