@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from .analysis_steps import draw_extra_panels, extra_panel_count, steps_frame
 from .config import TrainingConfig
-from .engine.model import ByteTransformer
 
 FIRST_COLUMNS = ("epoch", "step", "train/loss", "val/loss", "val/perplexity", "train/perplexity", "learning_rate")
 DRIFT_PREFIX = "drift/"
@@ -297,37 +295,6 @@ def save_dashboard(results: dict[str, Any], output: str | Path | None = None) ->
 
 
 # -- inference ----------------------------------------------------------------------------
-def load_model(checkpoint_path: str | Path) -> ByteTransformer:
-    """The model of one checkpoint, on the CPU in eval mode. Every file hash is verified
-    first and the state is read safely (safetensors, torch.load weights_only); raises
-    CheckpointCorrupt naming the bad file."""
-    from .engine.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(Path(checkpoint_path), map_location="cpu")
-    config = TrainingConfig.from_dict(loaded.trainer_state.get("config") or {})
-    model = ByteTransformer.from_config(config)
-    model.load_state_dict(loaded.model_state)
-    return model.eval()
-
-
-def generate_text(
-    model: ByteTransformer, prompt: str, max_new_tokens: int = 200, seed: int = 0, *,
-    temperature: float = 0.8, top_k: int | None = 40,
-) -> str:  # fmt: skip
-    """Continue `prompt` by `max_new_tokens` bytes, sampled reproducibly from `seed`."""
-    device = next(model.parameters()).device
-    start = list((prompt or "\n").encode("utf-8"))
-    idx = torch.tensor([start], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(idx, int(max_new_tokens), temperature=temperature, top_k=top_k, generator=generator)
-    finally:
-        model.train(was_training)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
-
-
 def load_task_model(checkpoint_path: str | Path, *, build_task: Any = None, task_path: str | None = None):
     """(model, task) of one checkpoint of any task, on the CPU in eval mode; `task.sample_fn` is
     what Inference calls (None: this task has none). The builder recorded in the checkpoint is
