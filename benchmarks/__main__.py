@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results), file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=1))
+    if meta["beyond_physical_limit"]:
+        print(
+            f"FAILED: {', '.join(meta['beyond_physical_limit'])} beat the physical limit by more than 10 %: the "
+            "two sides of the comparison do not do the same work; fix the baseline or explain it",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

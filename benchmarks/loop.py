@@ -10,12 +10,14 @@ sides. Whole-run wall time (set-up and eval included) is reported beside it.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from utils.training.config import TrainingConfig
 from utils.training.engine.data import BatchStream, Corpus, validation_batches
@@ -23,6 +25,25 @@ from utils.training.engine.model import ByteTransformer
 from utils.training.engine.trainer import Trainer, lr_multiplier
 
 from .common import entry, median
+
+ADAMW_FLAGS = ("foreach", "fused", "capturable", "differentiable", "maximize", "amsgrad")
+
+
+class OptimizerFlags:
+    """The flags of the first optimizer that steps while active (a global step pre-hook): read
+    from the engine's own AdamW so that the plain loop is built with the very same ones."""
+
+    def __enter__(self) -> OptimizerFlags:
+        self.flags: dict[str, Any] | None = None
+        self._handle = register_optimizer_step_pre_hook(self._hook)
+        return self
+
+    def _hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self.flags is None:
+            self.flags = {"type": type(optimizer).__name__, **{k: optimizer.defaults.get(k) for k in ADAMW_FLAGS}}
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.remove()
 
 
 class ForwardClock:
@@ -62,9 +83,11 @@ def engine_run(config: TrainingConfig) -> dict[str, float]:
     return {"train_seconds": sum(gaps), "steps": len(gaps), "median_step_seconds": median(gaps), "wall_seconds": wall}
 
 
-def plain_run(config: TrainingConfig) -> dict[str, float]:
-    """A hand-written loop, as nanoGPT would write it: same corpus, batches, model,
-    AdamW groups, warmup + cosine schedule, clipping and per-epoch evaluation."""
+def plain_run(config: TrainingConfig, adamw_flags: dict[str, Any]) -> dict[str, float]:
+    """A hand-written loop, as nanoGPT would write it, doing the same work as the engine: same corpus,
+    batches, model, loss, AdamW groups and flags (foreach/fused as the engine's), warmup + cosine
+    schedule, clipping, a flushed JSON log line of mean loss, grad norm and learning rate every
+    log_every_steps (the engine's steps.jsonl), per-epoch evaluation."""
     with ForwardClock() as clock:
         start = time.perf_counter()
         torch.manual_seed(config.seed)
@@ -78,6 +101,7 @@ def plain_run(config: TrainingConfig) -> dict[str, float]:
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=config.learning_rate, betas=(config.beta1, config.beta2),
+            **{k: v for k, v in adamw_flags.items() if k in ADAMW_FLAGS},
         )  # fmt: skip
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -93,15 +117,28 @@ def plain_run(config: TrainingConfig) -> dict[str, float]:
             context_length=config.context_length, seed=config.seed,
         )  # fmt: skip
         model.train()
+        Path(config.workspace_root).mkdir(parents=True, exist_ok=True)
+        log = open(Path(config.workspace_root) / "plain-steps.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        loss_sum, norm_sum = torch.zeros(()), torch.zeros(())
         for step in range(config.total_steps):
             x, y = stream.next_batch()
             logits = model(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            loss_sum += loss.detach()
+            norm_sum += norm
+            if config.log_every_steps and (step + 1) % config.log_every_steps == 0:  # the engine's steps.jsonl line
+                n = config.log_every_steps
+                row = {"step": step + 1, "train/loss": float(loss_sum) / n, "grad_norm": float(norm_sum) / n,
+                       "learning_rate": scheduler.get_last_lr()[0], "time": time.time()}  # fmt: skip
+                log.write(json.dumps(row, sort_keys=True) + "\n")
+                log.flush()
+                loss_sum.zero_()
+                norm_sum.zero_()
             if (step + 1) % config.steps_per_epoch == 0:
                 model.eval()
                 with torch.no_grad():
@@ -110,6 +147,7 @@ def plain_run(config: TrainingConfig) -> dict[str, float]:
                     )
                 del val_loss
                 model.train()
+        log.close()
         wall = time.perf_counter() - start
     gaps = clock.step_gaps()
     return {"train_seconds": sum(gaps), "steps": len(gaps), "median_step_seconds": median(gaps), "wall_seconds": wall}
@@ -118,68 +156,87 @@ def plain_run(config: TrainingConfig) -> dict[str, float]:
 def bench_loop(
     workdir: Path, steps_per_epoch: int, epochs: int, repeats: int, checkpoint_every: int
 ) -> dict[str, dict[str, Any]]:
-    """loop_vs_plain and checkpoint_overhead, three kinds of run interleaved in rotating order."""
+    """loop_vs_plain and checkpoint_overhead, three kinds of run interleaved in rotating order;
+    one paired ratio per round."""
     probe = loop_config(workdir / "probe", "probe", 1, 1, 0)
     tokens_per_step = probe.batch_size * probe.context_length
+    with OptimizerFlags() as engine_flags:  # warm-up: imports, corpus in the page cache, the engine's flags
+        engine_run(loop_config(workdir / "warmup-engine", "warmup", 2, 1, 0))
+    flags = engine_flags.flags or {}
+    with OptimizerFlags() as plain_flags:
+        plain_run(loop_config(workdir / "warmup", "warmup", 2, 1, 0), flags)
     runs: dict[str, list[dict[str, float]]] = {"plain": [], "engine": [], "engine_ckpt": []}
     kinds = list(runs)
-    plain_run(loop_config(workdir / "warmup", "warmup", 2, 1, 0))  # imports, corpus read into the page cache
     for r in range(repeats):
         for kind in kinds[r % 3 :] + kinds[: r % 3]:
             every = checkpoint_every if kind == "engine_ckpt" else 0
             config = loop_config(workdir / f"{kind}-{r}", kind, steps_per_epoch, epochs, every)
-            runs[kind].append(plain_run(config) if kind == "plain" else engine_run(config))
+            runs[kind].append(plain_run(config, flags) if kind == "plain" else engine_run(config))
+    total_steps = steps_per_epoch * epochs
+    saves = sum(1 for s in range(1, total_steps + 1) if s % checkpoint_every == 0 and s % steps_per_epoch != 0)
+    return _loop_entries(runs, tokens_per_step, total_steps, saves, checkpoint_every, repeats, flags, plain_flags.flags)
 
-    def tokens_per_second(kind: str) -> float:
-        return median(run["steps"] * tokens_per_step / run["train_seconds"] for run in runs[kind])
 
+def _loop_entries(
+    runs: dict[str, list[dict[str, float]]],
+    tokens_per_step: int,
+    total_steps: int,
+    saves: int,
+    checkpoint_every: int,
+    repeats: int,
+    engine_flags: dict[str, Any],
+    plain_flags: dict[str, Any] | None,
+) -> dict[str, dict[str, Any]]:
     def samples(kind: str) -> list[float]:
         return [run["steps"] * tokens_per_step / run["train_seconds"] for run in runs[kind]]
 
-    def median_step(kind: str) -> float:
-        return median(run["median_step_seconds"] for run in runs[kind])
+    def med(kind: str, field: str) -> float:
+        return median(run[field] for run in runs[kind])
 
-    def wall(kind: str) -> float:
-        return median(run["wall_seconds"] for run in runs[kind])
-
-    plain, engine, ckpt = tokens_per_second("plain"), tokens_per_second("engine"), tokens_per_second("engine_ckpt")
-    total_steps = steps_per_epoch * epochs
-    saves = sum(1 for s in range(1, total_steps + 1) if s % checkpoint_every == 0 and s % steps_per_epoch != 0)
+    plain, engine, ckpt = samples("plain"), samples("engine"), samples("engine_ckpt")
     common = {"preset": "tiny", "threads": torch.get_num_threads(), "steps": total_steps, "repeats": repeats}
+    lost = [
+        (total_steps * tokens_per_step) * (1 / c - 1 / e) / max(saves, 1) for c, e in zip(ckpt, engine, strict=True)
+    ]
     return {
         "loop_vs_plain": entry(
-            engine / plain,
+            [e / p for e, p in zip(engine, plain, strict=True)],
             ">=",
             0.95,
-            engine_tokens_per_second=engine,
-            plain_tokens_per_second=plain,
-            median_step_ratio=median_step("plain") / median_step("engine"),
-            whole_run_ratio=wall("plain") / wall("engine"),
-            engine_wall_seconds=wall("engine"),
-            plain_wall_seconds=wall("plain"),
-            engine_samples=samples("engine"),
-            plain_samples=samples("plain"),
+            physical_limit=1.0,
+            engine_tokens_per_second=median(engine),
+            plain_tokens_per_second=median(plain),
+            median_step_ratio=med("plain", "median_step_seconds") / med("engine", "median_step_seconds"),
+            whole_run_ratio=med("plain", "wall_seconds") / med("engine", "wall_seconds"),
+            engine_wall_seconds=med("engine", "wall_seconds"),
+            plain_wall_seconds=med("plain", "wall_seconds"),
+            engine_samples=engine,
+            plain_samples=plain,
+            engine_adamw_flags=engine_flags,
+            plain_adamw_flags=plain_flags,
             **common,
-            method="tokens/s over training steps only (set-up, evaluation and the epoch-end save excluded on "
-            "both sides: see benchmarks/loop.py); engine = Trainer(save_every_steps=0, save_every_seconds=0, "
-            "progress=False), which still saves at each epoch end; median_step_ratio = plain / engine median step "
-            "time (robust to bursts of load from other processes); whole_run_ratio = plain wall / engine wall "
-            "with set-up, evaluation and saves included",
+            method="per round: engine tokens/s / plain tokens/s over training steps only (set-up, evaluation "
+            "and the epoch-end save excluded on both sides: see benchmarks/loop.py); engine = "
+            "Trainer(save_every_steps=0, save_every_seconds=0, progress=False) over the byte LM Task "
+            "(lm_task.build_task), which still saves at each epoch end; both sides write a flushed log line of "
+            "mean loss, grad norm and learning rate every log_every_steps; the plain loop's AdamW is built with the flags read from the engine's own optimizer "
+            "(engine_adamw_flags, plain_adamw_flags); whole_run_ratio = plain wall / engine wall with set-up, "
+            "evaluation and saves included",
         ),  # fmt: skip
         "checkpoint_overhead": entry(
-            1 - ckpt / engine,
+            [1 - c / e for c, e in zip(ckpt, engine, strict=True)],
             "<=",
             0.03,
-            with_checkpoints_tokens_per_second=ckpt,
-            with_checkpoints_samples=samples("engine_ckpt"),
-            without_tokens_per_second=engine,
+            with_checkpoints_tokens_per_second=median(ckpt),
+            with_checkpoints_samples=ckpt,
+            without_tokens_per_second=median(engine),
             checkpoint_every_steps=checkpoint_every,
             checkpoints_in_timed_steps=saves,
-            # The scale-free figure: loop seconds lost per save, whatever the cadence.
-            seconds_lost_per_save=(total_steps * tokens_per_step) * (1 / ckpt - 1 / engine) / max(saves, 1),
-            median_step_seconds_without=median_step("engine"),
+            seconds_lost_per_save=median(lost),  # the scale-free figure: loop seconds lost per save
+            median_step_seconds_without=med("engine", "median_step_seconds"),
             **common,
-            method="1 - engine tokens/s with async checkpoints every N steps / engine tokens/s without; the "
-            "steps that carry a save (stall, waiting for the previous save, the writer thread's CPU) are timed",
+            method="per round: 1 - engine tokens/s with async checkpoints every N steps / engine tokens/s without "
+            "(the same round); the steps that carry a save (stall, waiting for the previous save, the writer "
+            "thread's CPU) are timed; median of >= 5 interleaved rounds in the quick and full suites",
         ),  # fmt: skip
     }

@@ -120,29 +120,28 @@ def test_export_writes_every_metric_of_every_epoch(results: dict[str, Any]) -> N
         assert all(saved[k] == pytest.approx(v, rel=1e-12) for k, v in row.items())
 
 
-def test_load_model_returns_the_saved_weights(results: dict[str, Any]) -> None:
-    model = analysis.load_model(results["best_checkpoint_path"])
+def test_load_task_model_returns_the_saved_weights(results: dict[str, Any]) -> None:
+    model, _ = analysis.load_task_model(results["best_checkpoint_path"])
     saved = read_model_file(Path(results["best_checkpoint_path"]) / "model.safetensors")
     assert not model.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, saved[name]), name
 
 
-def test_load_model_refuses_a_tampered_checkpoint(results: dict[str, Any]) -> None:
+def test_load_task_model_refuses_a_tampered_checkpoint(results: dict[str, Any]) -> None:
     weights = Path(results["best_checkpoint_path"]) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0x01
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointCorrupt, match="model.safetensors"):
-        analysis.load_model(results["best_checkpoint_path"])
+        analysis.load_task_model(results["best_checkpoint_path"])
 
 
-def test_generate_text_continues_the_prompt_reproducibly(results: dict[str, Any]) -> None:
-    model = analysis.load_model(results["best_checkpoint_path"])
-    first = analysis.generate_text(model, "class ", 30, seed=1)
-    assert first.startswith("class ") and first == analysis.generate_text(model, "class ", 30, seed=1)
-    assert len(first.encode("utf-8", errors="surrogateescape")) >= len("class ")
-    assert analysis.generate_text(model, "", 5, seed=1).startswith("\n")  # an empty prompt starts a line
+def test_the_byte_lm_sample_continues_the_prompt_reproducibly(results: dict[str, Any]) -> None:
+    model, task = analysis.load_task_model(results["best_checkpoint_path"])
+    first = task.sample_fn(model, "class ", max_new_tokens=30, seed=1)
+    assert first == task.sample_fn(model, "class ", max_new_tokens=30, seed=1) and first
+    assert len(first.encode("utf-8", errors="surrogateescape")) >= 1
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

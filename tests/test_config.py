@@ -62,6 +62,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("precision", "fp8", "'bf16'"),
     ("distributed_strategy", "zero3", "'ddp' or 'fsdp'"),
     ("config_version", 0, "[1, "),
+    ("release_snapshot_buffers", "yes", "true or false"),
 ]
 
 

@@ -26,6 +26,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "training.ipynb"
 TAGS = (
     "setup",
     "parameters",
+    "model",
     "training",
     "recovery",
     "dashboard",
@@ -122,8 +123,8 @@ def test_analysis_cells_before_anything_name_what_is_missing(cwd: Path) -> None:
 def test_recovery_with_nothing_on_disk_says_so_then_analysis_still_works(cwd: Path, tmp_path: Path) -> None:
     env = {"TRAINING_CHECKPOINT_DIR": str(tmp_path / "never-created")}
     outputs = dict(run_cells(["setup", "recovery", "diagnostic", "dashboard"], cwd, env))
-    assert "does not exist; looking in the default places" in outputs["recovery"]
-    assert "Nothing to recover" in outputs["recovery"] and "run the Training cell" in outputs["recovery"]
+    assert "TRAINING_CHECKPOINT_DIR=" in outputs["recovery"] and "does not exist" in outputs["recovery"]
+    assert "clear it to search the usual places" in outputs["recovery"]
     assert "Next: the Recovery cell after a disconnect" in outputs["diagnostic"]
 
 
@@ -178,7 +179,7 @@ def test_committed_outputs_hold_with_other_runs_on_the_machine(cwd: Path, worksp
         cwd=cwd, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "9 passed" in done.stdout
+    assert "10 passed" in done.stdout
     # The other runs were only read around, never touched.
     assert sorted(p.name for p in (cwd / "training_output" / "checkpoints" / "cli_run").iterdir()) == sorted(
         p.name for p in (workspace / "checkpoints" / "cli_run").iterdir()
@@ -203,3 +204,54 @@ def test_a_warning_inside_a_cell_is_printed_as_text(cwd: Path) -> None:
     assert [o.name for o in outputs if o.output_type == "stream"] == ["stdout"] * len(outputs)
     text = "".join(o.text for o in outputs)
     assert "⚠️ UserWarning: fonts are being cached" in text and "⚠️ the database is busy" in text
+
+
+def cli_train(workspace: Path, run_name: str, seed: int = 1337) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "utils.training", "train", "--preset", "tiny", "--epochs", "1", "--seed", str(seed),
+         "--workspace", str(workspace), "--run-name", run_name, "--save-every-seconds", "0"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+
+def test_which_run_parameters_first_then_newest_across_locations(cwd: Path, workspace: Path) -> None:
+    """Issue 11, problems 2, 4, 5: Run All keeps the model and records nothing; after a restart the
+    Parameters run is recovered although a newer one exists; with no Parameters run, the newest across
+    every location, not the first location that has runs."""
+    env = {"TRAINING_WORKSPACE": str(workspace), "TRAINING_RUN_NAME": "alpha", "TRAINING_EPOCHS": "1"}
+    outputs = dict(run_cells(["setup", "parameters", "model", "training", "recovery", "diagnostic"], cwd, env))
+    assert "✅ Recovered run 'alpha'" in outputs["recovery"] and "nothing recorded" in outputs["recovery"]
+    assert "✅ model" in outputs["diagnostic"] and "trained in this session" in outputs["diagnostic"]
+    assert recovered_rows(workspace) == []
+    env["TRAINING_RUN_NAME"] = "cli_run"  # older than alpha
+    outputs = dict(run_cells(["setup", "parameters", "recovery"], cwd, env))
+    assert "✅ Recovered run 'cli_run'" in outputs["recovery"] and "the Parameters cell's run" in outputs["recovery"]
+    shutil.copytree(workspace, cwd / "training_output")  # searched before ./tmp_training_output
+    cli_train(cwd / "tmp_training_output", "newest")
+    outputs = dict(run_cells(["setup", "recovery"], cwd, {}))
+    assert "✅ Recovered run 'newest'" in outputs["recovery"]
+
+
+def test_training_after_recovery_continues_the_recovered_run_with_its_own_config(cwd: Path, workspace: Path) -> None:
+    """Issue 11, problem 3: Parameters plans alpha (seed 1337); Recovery of beta (seed 3); Training then
+    continues beta with beta's config: no seed mismatch, not alpha."""
+    cli_train(workspace, "beta", seed=3)
+    env = {"TRAINING_WORKSPACE": str(workspace), "TRAINING_RUN_NAME": "alpha",
+           "TRAINING_CHECKPOINT_DIR": str(workspace / "checkpoints" / "beta")}  # fmt: skip
+    outputs = dict(run_cells(["setup", "parameters", "recovery", "training", "diagnostic"], cwd, env))
+    assert "✅ Recovered run 'beta'" in outputs["recovery"]
+    assert "Continuing the recovered run 'beta'" in outputs["training"] and "does not match" not in outputs["training"]
+    assert "run name:   beta" in outputs["diagnostic"]
+    assert not (workspace / "checkpoints" / "alpha").exists()
+
+
+def test_a_given_folder_without_a_complete_checkpoint_is_strict(cwd: Path, workspace: Path) -> None:
+    """Issue 11, problem 1: a folder given to Recovery with nothing complete is said; no other run is taken."""
+    (workspace / "checkpoints" / "kill_early").mkdir()
+    (workspace / "checkpoints" / "kill_early" / "run.json").write_text('{"run_name": "kill_early"}')
+    shutil.copytree(workspace, cwd / "training_output")
+    env = {"TRAINING_CHECKPOINT_DIR": str(workspace / "checkpoints" / "kill_early")}
+    outputs = dict(run_cells(["setup", "recovery", "diagnostic"], cwd, env))
+    assert "no complete checkpoint there" in outputs["recovery"] and "Recovered" not in outputs["recovery"]
+    assert "❌ results (not defined)" in outputs["diagnostic"]

@@ -64,3 +64,16 @@ def test_an_unwritable_results_folder_is_reported(recovered_ns: dict[str, Any], 
     dashboard.run(recovered_ns, show=False)
     out = capsys.readouterr().out
     assert "❌ Could not write the dashboard" in out and "dashboard_path" not in recovered_ns
+
+
+def test_a_one_epoch_dashboard_has_whole_epoch_ticks(recovered_ns: dict[str, Any]) -> None:
+    """Issue 11, problem 8: no 0.945 ... 1.055 ticks, no bar filling the panel."""
+    from utils.training.analysis import dashboard_figure
+
+    results = {**recovered_ns["results"], "metrics_history": recovered_ns["results"]["metrics_history"][:1]}
+    results["drift_history"] = results.get("drift_history", [])[:1]
+    figure = dashboard_figure(results)
+    for ax in figure.axes:
+        if ax.get_xlabel() == "epoch" and ax.has_data():
+            assert list(ax.get_xticks()) == [1.0], (ax.get_title(), list(ax.get_xticks()))
+            assert ax.get_xlim() == (0.25, 1.75)

@@ -85,3 +85,13 @@ def test_in_colab_the_workspace_is_drive_when_mounted_else_content() -> None:
     ns = {"IN_COLAB": True, "drive_workspace": None}
     parameters.run(ns)
     assert ns["planned_config"].workspace_root == "/content/workspace" and ns["scratch_workspace"] is False
+
+
+def test_the_tensorboard_box_turns_on_tensorboard_logging_and_says_where(tmp_path: Path, capsys) -> None:
+    ns: dict = {}
+    parameters.run(ns, workspace=str(tmp_path / "ws"))
+    assert ns["planned_config"].tensorboard is False and "TensorBoard" not in capsys.readouterr().out
+    parameters.run(ns, workspace=str(tmp_path / "ws"), tensorboard=True)
+    assert ns["planned_config"].tensorboard is True
+    out = capsys.readouterr().out
+    assert "TensorBoard: events in" in out and str(tmp_path / "ws" / "tensorboard") in out and "--logdir" in out

@@ -23,10 +23,16 @@ def test_nothing_on_disk_is_reported_not_raised(capsys) -> None:
     assert "results" not in ns
 
 
-def test_a_missing_folder_is_named_and_the_defaults_are_searched(capsys, tmp_path: Path) -> None:
-    recovery.run({}, checkpoint_directory=str(tmp_path / "nope"))
+def test_a_missing_folder_is_named_and_nothing_else_is_searched(capsys, tmp_path: Path, workspace_copy: Path) -> None:
+    """A given folder is strict (issue 11, problem 1): a run in the default places is not taken instead."""
+    import shutil
+
+    shutil.copytree(workspace_copy, Path.cwd() / "training_output")
+    ns: dict[str, Any] = {}
+    recovery.run(ns, checkpoint_directory=str(tmp_path / "nope"))
     out = capsys.readouterr().out
-    assert f"checkpoint_directory={tmp_path / 'nope'} does not exist" in out and "Nothing to recover" in out
+    assert f"checkpoint_directory={tmp_path / 'nope'} does not exist" in out and "Recovered" not in out
+    assert "results" not in ns
 
 
 def test_an_empty_folder_finds_nothing(capsys, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def test_after_training_the_namespace_holds_the_contract(train_ns, capsys) -> No
 def test_running_the_cell_again_resumes_instead_of_starting_over(train_ns, capsys) -> None:
     ns = train_ns()
     first = ns["results"]
-    ns["planned_config"] = ns["planned_config"].replace(epochs=3)
+    ns["planned_config"], ns["run_action"] = ns["planned_config"].replace(epochs=3), "parameters"
     training.run(ns, progress=False)
     out = capsys.readouterr().out
     assert "resumed from" in out and "step-000008" in out
@@ -67,13 +67,14 @@ def test_without_the_parameters_cell_it_continues_the_run_in_the_namespace(train
     del ns["planned_config"]
     training.run(ns, progress=False)
     out = capsys.readouterr().out
-    assert "continuing the run in the namespace" in out and "resumed from" in out
+    assert "Parameters cell not run" not in out and "resumed from" in out and "already complete" in out
 
 
 def test_an_incompatible_checkpoint_is_reported_and_the_namespace_kept(train_ns, capsys) -> None:
     ns = train_ns()
     before = ns["results"]
     ns["planned_config"] = ns["planned_config"].replace(n_embd=32)  # same run, another model size
+    ns["run_action"] = "parameters"
     training.run(ns, progress=False)
     out = capsys.readouterr().out
     assert "❌ Training stopped" in out and "n_embd=64" in out and "use the same model size" in out
@@ -82,7 +83,7 @@ def test_an_incompatible_checkpoint_is_reported_and_the_namespace_kept(train_ns,
 
 def test_after_recovery_training_continues_the_recovered_run(recovered_ns: dict[str, Any], capsys) -> None:
     ns = recovered_ns
-    ns["planned_config"] = ns["training_config"].replace(epochs=3)
+    ns["planned_config"], ns["run_action"] = ns["training_config"].replace(epochs=3), "parameters"
     capsys.readouterr()
     training.run(ns, progress=False)
     out = capsys.readouterr().out

@@ -31,6 +31,7 @@ from utils.training.engine.checkpoint import (
     list_leftovers,
     load_checkpoint,
     read_model_file,
+    read_training_state,
 )
 from utils.training.engine.commit import MANIFEST_NAME, CheckpointCorrupt, CheckpointWriteError, verify
 from utils.training.engine.model import ByteTransformer
@@ -173,11 +174,12 @@ def test_a_weights_file_with_bad_aliases_is_reported_as_corrupt(tmp_path: Path, 
         read_model_file(path)
 
 
-def test_training_state_loads_with_weights_only(tmp_path: Path):
+def test_training_state_is_plain_safetensors_and_loads_back(tmp_path: Path):
     model, optimizer = _model_and_optimizer()
     with _manager(tmp_path, async_save=False) as manager:
         manager.save(1, **_state(model, optimizer, 1))
-    state = torch.load(tmp_path / "step-000001" / STATE_FILE, weights_only=True)
+    assert load_file(str(tmp_path / "step-000001" / STATE_FILE))  # any safetensors reader takes it: no pickle
+    state = read_training_state(tmp_path / "step-000001" / STATE_FILE)
     assert set(state) == {"optimizer", "rng", "data"}
     assert torch.equal(state["optimizer"]["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
 

@@ -94,3 +94,12 @@ def test_two_gpu_run_with_nccl(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = recover(tmp_path, search_dirs=[])
     assert results["completed"] and [r["epoch"] for r in results["metrics_history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_two_saves_of_gpu_tensors_each_hold_their_own_step(tmp_path: Path, async_save: bool) -> None:
+    """Pinned buffers are reused: a sync save that wrote before its device-to-host copies finished
+    would write the previous save's bytes (and hash them, so verify would pass)."""
+    from test_state_buffers import _two_saves_hold_their_own_tensors  # tests/engine is on sys.path (rootdir import)
+
+    _two_saves_hold_their_own_tensors(tmp_path, "cuda", async_save=async_save)

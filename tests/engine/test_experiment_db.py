@@ -253,22 +253,16 @@ def test_delete_metrics_after_leaves_no_phantom_rows(db: ExperimentDB) -> None:
     assert frame.iloc[-1][["loss", "lr"]].tolist() == [-1.0, 0.05]
 
 
-def test_bulk_insert_and_frame_are_fast(db: ExperimentDB) -> None:
+def test_bulk_insert_and_wide_frame_of_100k_points(db: ExperimentDB) -> None:
+    """Correctness only: the speed of this path is `db_points_per_second` and `db_metrics_frame_seconds`
+    in `python -m benchmarks`."""
     run_id = db.create_run("r", {}, "ws")
     names = [f"m{i}" for i in range(10)]
     rows = [(step, step // 1000, name, step * 0.5) for step in range(10_000) for name in names]
-
-    started = time.perf_counter()
     db.log_metrics_many(run_id, rows)
-    insert_seconds = time.perf_counter() - started
-    assert len(rows) / insert_seconds > 100_000, f"{insert_seconds:.2f}s for 100k rows"
-
-    started = time.perf_counter()
     frame = db.metrics_frame(run_id)
-    frame_seconds = time.perf_counter() - started
     assert frame.shape == (10_000, 12)
     assert frame["m3"].iloc[-1] == 9_999 * 0.5
-    assert frame_seconds < 1.5, f"metrics_frame took {frame_seconds:.2f}s for 100k points"
 
 
 # ---------------------------------------------------------------- artifacts

@@ -93,7 +93,7 @@ def test_a_training_state_whose_pickle_runs_code_is_refused_and_never_executed(
     (newest / STATE_FILE).write_bytes(payload)
     reseal(newest)  # every hash matches: the loader alone must refuse it
 
-    with pytest.raises(CheckpointCorrupt, match="refused to load training_state.pt") as info:
+    with pytest.raises(CheckpointCorrupt, match=f"refused to load {STATE_FILE}") as info:
         read_training_state(newest / STATE_FILE)
     assert "not executed" in str(info.value)
     with pytest.raises(CheckpointCorrupt):
@@ -113,7 +113,7 @@ def test_a_training_state_whose_pickle_runs_code_is_refused_and_never_executed(
     )  # fmt: skip
     assert named.returncode == 1
     (line,) = named.stderr.strip().splitlines()
-    assert line.startswith("error: ") and "training_state.pt" in line and "not executed" in line
+    assert line.startswith("error: ") and STATE_FILE in line and "not executed" in line
     assert not marker.exists(), "the payload ran"
 
 

@@ -97,6 +97,28 @@ def test_logging_before_restore_is_refused(tmp_path: Path) -> None:
         assert run.restore() == 0
 
 
+@pytest.mark.parametrize("release", [False, True], ids=["kept", "released"])
+def test_release_snapshot_buffers_frees_the_host_copy_after_each_save(tmp_path: Path, release: bool) -> None:
+    model = torch.nn.Linear(64, 64)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = TrainingConfig(save_every_seconds=0, release_snapshot_buffers=release)
+    with CheckpointedRun(tmp_path, "x", model=model, optimizer=optimizer, config=config) as run:
+        step = run.restore()
+        for step in range(1, 3):
+            model(torch.randn(4, 64)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            run.log(step, {"loss": 1.0})
+            run.save(step)
+            run.wait_until_finished()
+            # weights and both AdamW moments of the 64x64 layer: the snapshot's float32 copy
+            held = run.manager._buffers.resident_bytes()
+            assert held == 0 if release else held >= 3 * 64 * 64 * 4
+    saved = tmp_path / "checkpoints" / "x" / "step-000002"
+    assert load_checkpoint(saved).step == 2
+    assert (saved / "training_state.safetensors").is_file() and not (saved / "training_state.pt").exists()
+
+
 LOOP = """
 import sys, torch
 from utils.training import CheckpointedRun, TrainingConfig

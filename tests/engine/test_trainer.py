@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from utils.training.engine.checkpoint import MODEL_FILE, STATE_FILE, list_checkpoints
+from utils.training.engine.checkpoint import MODEL_FILE, STATE_FILE, list_checkpoints, read_training_state
 from utils.training.engine.experiment_db import ExperimentDB
 from utils.training.engine.recovery import read_metrics_log
 from utils.training.engine.rollback import ResumeRefused
@@ -46,8 +46,8 @@ def _assert_same_final_state(reference: Path, resumed: Path) -> None:
     assert ref_weights.keys() == new_weights.keys()
     for name in ref_weights:
         assert torch.equal(ref_weights[name], new_weights[name]), f"weight {name} differs"
-    ref_state = torch.load(reference / STATE_FILE, weights_only=True)
-    new_state = torch.load(resumed / STATE_FILE, weights_only=True)
+    ref_state = read_training_state(reference / STATE_FILE)
+    new_state = read_training_state(resumed / STATE_FILE)
     for index, slots in ref_state["optimizer"]["state"].items():
         for key, value in slots.items():
             assert torch.equal(value, new_state["optimizer"]["state"][index][key]), f"optimizer {index}/{key}"
@@ -118,6 +118,13 @@ def test_resume_never_on_an_existing_run_is_refused_and_touches_nothing(
 def test_resume_from_a_missing_path_is_refused_at_once(tmp_path: Path, make_config):
     with pytest.raises(ResumeError, match="no such checkpoint folder"):
         Trainer(make_config(tmp_path), resume=str(tmp_path / "nope"), progress=False)
+
+
+@pytest.mark.parametrize("release", [False, True], ids=["kept", "released"])
+def test_release_snapshot_buffers_reaches_the_checkpoint_manager(tmp_path: Path, make_config, release: bool):
+    trainer = Trainer(make_config(tmp_path, release_snapshot_buffers=release), progress=False)
+    manager = trainer._manager(tmp_path / "run")
+    assert manager.release_buffers is release
 
 
 def test_resume_with_another_model_size_is_refused(trained_workspace: dict[str, Any], workspace_copy: Path):

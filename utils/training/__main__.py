@@ -72,6 +72,7 @@ def build_config(args: argparse.Namespace) -> TrainingConfig:
         "on_save_error": args.on_save_error,
         "distributed_strategy": args.strategy,
         "accept_config_change": True if getattr(args, "accept_config_change", False) else None,
+        "tensorboard": args.tensorboard,
         "batch_size": getattr(args, "batch_size", None),
         "log_every_steps": getattr(args, "log_every_steps", None),
     }
@@ -124,15 +125,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_recover(args: argparse.Namespace) -> int:
-    from .engine.recovery import recover
+def recover_for(args: argparse.Namespace) -> dict:
+    """--checkpoint-dir DIR: that folder only; without it, the newest run across the default locations."""
+    from .engine.recovery import DEFAULT_SEARCH_DIRS, recover
+    from .engine.run_search import recover_newest
 
     if args.checkpoint_dir:
-        if not Path(args.checkpoint_dir).exists():
-            raise CliError(f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder that holds the run")
-        results = recover(args.checkpoint_dir, search_dirs=[], run_name=args.run_name)
-    else:
-        results = recover(None, run_name=args.run_name)
+        return recover(args.checkpoint_dir, search_dirs=[], run_name=args.run_name)
+    return recover_newest(DEFAULT_SEARCH_DIRS, run_name=args.run_name)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    if args.checkpoint_dir and not Path(args.checkpoint_dir).exists():
+        raise CliError(f"--checkpoint-dir {args.checkpoint_dir} does not exist; pass the folder that holds the run")
+    results = recover_for(args)
     if args.json:
         print_json(results)
     else:
@@ -187,9 +193,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from .analysis import save_dashboard
-    from .engine.recovery import recover
 
-    results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
+    results = recover_for(args)
     path = save_dashboard(results, args.output)
     print_json({"dashboard": str(path)}) if args.json else print(f"dashboard written to {path}")
     return 0
@@ -197,9 +202,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .analysis import export_metrics_csv, export_steps_csv
-    from .engine.recovery import recover
 
-    results = recover(args.checkpoint_dir, search_dirs=[] if args.checkpoint_dir else None, run_name=args.run_name)
+    results = recover_for(args)
+    if getattr(args, "mlflow", None) is not None:
+        return _export_mlflow(results, args)
     path, rows = export_metrics_csv(results, args.output)
     steps = export_steps_csv(results, Path(path).with_name(Path(path).name.replace("metrics", "steps"))
                              if args.output and "metrics" in Path(args.output).name else None)  # fmt: skip
@@ -210,6 +216,21 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"{rows} row(s) written to {path}")
         if steps:
             print(f"{steps[1]} step row(s) written to {steps[0]}")
+    return 0
+
+
+def _export_mlflow(results: dict[str, Any], args: argparse.Namespace) -> int:
+    from .integrations.mlflow_export import MlflowUnavailable, export_run
+
+    try:
+        report = export_run(results, args.mlflow or None)
+    except MlflowUnavailable as exc:
+        raise CliError(str(exc)) from exc
+    if args.json:
+        print_json(report)
+    else:
+        print(f"run {results['run_name']} -> MLflow run {report['mlflow_run_id']} at {report['tracking_uri']}: "
+              f"{report['metrics_logged']} metric value(s) logged, {report['metrics_already_there']} already there")  # fmt: skip
     return 0
 
 
@@ -249,6 +270,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-mode", choices=["async", "sync"])
     t.add_argument("--on-save-error", choices=["stop", "continue"])
     t.add_argument("--strategy", choices=["ddp", "fsdp"], help="data parallelism under torchrun (default ddp)")
+    t.add_argument("--tensorboard", action="store_true", default=None,
+                   help="log step and epoch metrics to <workspace>/tensorboard/<run> (needs tensorboard)")  # fmt: skip
     t.add_argument("--json", action="store_true", help="print the results dict as JSON on stdout")
     t.set_defaults(func=cmd_train)
 
@@ -272,6 +295,9 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--run-name")
         p.add_argument("--output", help="file to write (default <workspace>/results/<run_name>_...)")
         p.add_argument("--json", action="store_true")
+        if name == "export":
+            p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                           help="log the run to MLflow instead (default URI sqlite:///<workspace>/mlflow.db)")  # fmt: skip
         p.set_defaults(func=func)
     return parser
 
@@ -289,40 +315,51 @@ def _cli_words(exc: BaseException) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .engine.checkpoint import CheckpointError
-    from .engine.data import CorpusError
-    from .engine.devices import DeviceError
-    from .engine.exactness import ConfigChanged
-    from .engine.experiment_db import ExperimentDBError
-    from .engine.runlock import RunLocked
-    from .engine.task import TaskError, task_module_path
-    from .engine.trainer import ResumeError
+# Failures a user can act on: printed as one line. Named by module so that a subcommand imports
+# only what it needs (`recover` must not import torch): a class whose module was never imported
+# cannot have been raised.
+_USER_ERRORS = (
+    ("engine.commit", "CheckpointError"),
+    ("engine.data", "CorpusError"),
+    ("engine.devices", "DeviceError"),
+    ("engine.exactness", "ConfigChanged"),
+    ("engine.experiment_db", "ExperimentDBError"),
+    ("engine.runlock", "RunLocked"),
+    ("engine.resume", "ResumeError"),
+    ("engine.task", "TaskError"),
+)
 
-    task_module_path()  # the current folder is on sys.path: --task mytask:build finds ./mytask.py
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, (CliError, ConfigError)):
+        return True
+    for module_name, class_name in _USER_ERRORS:
+        cls = getattr(sys.modules.get(f"{__package__}.{module_name}"), class_name, None)
+        if isinstance(cls, type) and isinstance(exc, cls):
+            return True
+    return False
+
+
+def _current_folder_on_path() -> None:
+    """`--task mytask:build` finds ./mytask.py (engine.task.task_module_path, without importing torch)."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _current_folder_on_path()
     args = make_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    expected = (
-        CliError,
-        ConfigError,
-        CorpusError,
-        CheckpointError,
-        ResumeError,
-        DeviceError,
-        RunLocked,
-        ExperimentDBError,
-        ConfigChanged,
-        TaskError,
-    )
     try:
         return args.func(args)
-    except expected as exc:
-        print(f"error: {_cli_words(exc)}", file=sys.stderr)
-        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one clear line instead of a traceback; TRAINING_DEBUG=1 shows it
+        if _is_user_error(exc):
+            print(f"error: {_cli_words(exc)}", file=sys.stderr)
+            return EXIT_FAILURE
         if os.environ.get("TRAINING_DEBUG"):
             raise
         print(f"error: {type(exc).__name__}: {exc} (set TRAINING_DEBUG=1 for the traceback)", file=sys.stderr)

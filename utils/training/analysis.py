@@ -15,11 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from .analysis_steps import draw_extra_panels, extra_panel_count, steps_frame
 from .config import TrainingConfig
-from .engine.model import ByteTransformer
 
 FIRST_COLUMNS = ("epoch", "step", "train/loss", "val/loss", "val/perplexity", "train/perplexity", "learning_rate")
 DRIFT_PREFIX = "drift/"
@@ -145,7 +143,13 @@ def _finish(ax, title: str, ylabel: str, drawn: bool, *, legend: bool = True) ->
     ax.set_title(title, fontsize=11, fontweight="bold")
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low, high = ax.get_xlim()
+    if drawn and high - low < 3:  # one or two epochs: ticks at whole epochs, with room around the points and bars
+        first, last = math.ceil(low), math.floor(high)
+        ax.set_xticks(range(first, last + 1))
+        ax.set_xlim(first - 0.75, last + 0.75)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     if not drawn:
         ax.text(0.5, 0.5, "not recorded in this run", ha="center", va="center", transform=ax.transAxes, color="gray")
@@ -234,14 +238,23 @@ def dashboard_figure(results: dict[str, Any]):
     extra_rows = -(-extra // 3)
     best, _ = best_epoch_row(frame, "val/loss", "min")
     rows = 2 + (drift is not None) + extra_rows
-    fig = Figure(figsize=(17, 4.5 * rows + 0.5), layout="constrained")
-    grid = fig.add_gridspec(rows, 12)
-    training_axes = [fig.add_subplot(grid[row, col * 4 : col * 4 + 4]) for row in range(2) for col in range(3)]
-    _training_panels(training_axes, frame, best)
+    height = 4.5 * rows + 0.5
+    fig = Figure(figsize=(17, height))
+    # A fixed layout, not matplotlib's constrained one: that one gives up ("axes sizes collapsed to
+    # zero", a warning in the cell) on some runs' tick labels, and a dashboard must look the same
+    # every time. Margins in inches: the two-line title on top, the x labels below; each row is its
+    # own grid, so the gaps (twin-axis labels included) are a share of a panel's width.
+    outer = fig.add_gridspec(rows, 1, left=0.055, right=0.985, top=1 - 1.1 / height, bottom=0.5 / height, hspace=0.38)
+
+    def row_axes(row: int, columns: int, count: int | None = None) -> list:
+        cells = outer[row].subgridspec(1, columns, wspace=0.42)
+        return [fig.add_subplot(cells[0, i]) for i in range(columns if count is None else count)]
+
+    _training_panels(row_axes(0, 3) + row_axes(1, 3), frame, best)
     if drift is not None:
-        _drift_panels([fig.add_subplot(grid[2, col * 3 : col * 3 + 3]) for col in range(4)], drift)
+        _drift_panels(row_axes(2, 4), drift)
     first = 2 + (drift is not None)
-    extra_axes = [fig.add_subplot(grid[first + i // 3, (i % 3) * 4 : (i % 3) * 4 + 4]) for i in range(extra)]
+    extra_axes = [ax for r in range(extra_rows) for ax in row_axes(first + r, 3, min(3, extra - 3 * r))]
     draw_extra_panels(extra_axes, frame, steps, _finish)
 
     config = results.get("config") or {}
@@ -282,37 +295,6 @@ def save_dashboard(results: dict[str, Any], output: str | Path | None = None) ->
 
 
 # -- inference ----------------------------------------------------------------------------
-def load_model(checkpoint_path: str | Path) -> ByteTransformer:
-    """The model of one checkpoint, on the CPU in eval mode. Every file hash is verified
-    first and the state is read safely (safetensors, torch.load weights_only); raises
-    CheckpointCorrupt naming the bad file."""
-    from .engine.checkpoint import load_checkpoint
-
-    loaded = load_checkpoint(Path(checkpoint_path), map_location="cpu")
-    config = TrainingConfig.from_dict(loaded.trainer_state.get("config") or {})
-    model = ByteTransformer.from_config(config)
-    model.load_state_dict(loaded.model_state)
-    return model.eval()
-
-
-def generate_text(
-    model: ByteTransformer, prompt: str, max_new_tokens: int = 200, seed: int = 0, *,
-    temperature: float = 0.8, top_k: int | None = 40,
-) -> str:  # fmt: skip
-    """Continue `prompt` by `max_new_tokens` bytes, sampled reproducibly from `seed`."""
-    device = next(model.parameters()).device
-    start = list((prompt or "\n").encode("utf-8"))
-    idx = torch.tensor([start], dtype=torch.long, device=device)
-    generator = torch.Generator(device=device).manual_seed(int(seed))
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(idx, int(max_new_tokens), temperature=temperature, top_k=top_k, generator=generator)
-    finally:
-        model.train(was_training)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
-
-
 def load_task_model(checkpoint_path: str | Path, *, build_task: Any = None, task_path: str | None = None):
     """(model, task) of one checkpoint of any task, on the CPU in eval mode; `task.sample_fn` is
     what Inference calls (None: this task has none). The builder recorded in the checkpoint is

@@ -111,7 +111,13 @@ class TrainingConfig:
     monitor_metric: str = "val/loss"
     monitor_mode: str = "min"
     async_save: bool = True  # copy state to CPU buffers, write in a background thread
+    # Free those buffers (a full host copy of the state) after each save instead of reusing them:
+    # less resident memory between saves, at the cost of allocating them again at the next save.
+    release_snapshot_buffers: bool = False
     on_save_error: str = "stop"  # "stop" raises; "continue" logs and trains on
+
+    # Logging.
+    tensorboard: bool = False  # step and epoch metrics as event files in <workspace>/tensorboard/<run>
 
     # Hardware.
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
@@ -232,7 +238,9 @@ class TrainingConfig:
         need(isinstance(self.accept_config_change, bool), "accept_config_change", "true or false")
         need(self.monitor_mode in ("min", "max"), "monitor_mode", "'min' or 'max'")
         need(isinstance(self.async_save, bool), "async_save", "true or false")
+        need(isinstance(self.release_snapshot_buffers, bool), "release_snapshot_buffers", "true or false")
         need(self.on_save_error in ("stop", "continue"), "on_save_error", "'stop' or 'continue'")
+        need(isinstance(self.tensorboard, bool), "tensorboard", "true or false")
         device_ok = isinstance(self.device, str) and (
             self.device in ("auto", "cpu", "cuda", "mps")
             or (self.device.startswith("cuda:") and self.device[5:].isdigit())

@@ -23,6 +23,10 @@ DRIVE_MOUNT = "/content/drive"
 DRIVE_WORKSPACE = "/content/drive/MyDrive/training_workspace"  # survives a recycled VM
 LOCAL_WORKSPACE = "training_output"  # outside Colab with no workspace chosen: runs here resume
 SCRATCH_WORKSPACE = "tmp_training_output"  # cleared by the Training cell only with TRAINING_FRESH_START=1
+# The latest run-choosing action in this kernel ("parameters", "training" or "recovery"): the Training
+# cell follows it (DESIGN.md, "Which run": the latest action wins).
+RUN_ACTION = "run_action"
+TRAINED_RUN = "trained_run_dir"  # the run folder the Training cell last trained in this kernel
 
 
 class _PrintHandler(logging.Handler):
@@ -30,7 +34,7 @@ class _PrintHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         mark = "⚠️ " if record.levelno >= logging.WARNING else ""
-        print(f"{mark}{record.getMessage()}")
+        print(f"{mark}{notebook_words(record.getMessage())}")
 
 
 def text_output(cell: Callable[..., Any]) -> Callable[..., Any]:
@@ -153,3 +157,31 @@ def publish(ns: dict[str, Any], results: dict[str, Any], config: Any, *, db: Any
         ns.pop("model", None)  # a model from another run would be wrong; Inference loads weights from disk
     else:
         ns["model"] = model
+
+
+# The engine is shared with the command line, whose messages name its flags; in a cell the same fix is a
+# form field. Longest first, so `--resume auto` is replaced before `--resume`.
+NOTEBOOK_WORDS = (
+    ("resume with the same command", "re-run the Training cell to continue"),
+    ("run the same command to resume", "re-run the Training cell to continue"),
+    ("with the same command", "by re-running the Training cell"),
+    ("--resume auto", "resume = continue (Parameters cell)"),
+    ("--resume never", "resume = start a new run (Parameters cell)"),
+    ("--resume PATH", "resume = a checkpoint folder (Parameters cell)"),
+    ("--resume", "resume (Parameters cell)"),
+    ("--run-name", "run_name (Parameters cell)"),
+    ("--corpus PATH", "data_path (Parameters cell)"),
+    ("--corpus", "data_path (Parameters cell)"),
+    ("--epochs", "epochs (Parameters cell)"),
+    ("--seed", "seed (Parameters cell)"),
+    ("--keep-last", "keep_last (Parameters cell)"),
+    ("--workspace", "workspace (Parameters cell)"),
+    ("--checkpoint-dir", "checkpoint_directory (Recovery cell)"),
+)
+
+
+def notebook_words(text: str) -> str:
+    """An engine message with the command line's flags replaced by the form fields that do the same."""
+    for cli, cell in NOTEBOOK_WORDS:
+        text = text.replace(cli, cell)
+    return text

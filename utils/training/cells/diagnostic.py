@@ -12,7 +12,10 @@ def next_cell(ns: dict[str, Any]) -> str:
     if any(problem(ns, name) for name in REQUIRED_NAMES):
         if problem(ns, "results") is None:
             return "the Recovery cell (or the Training cell): it sets every variable again"
-        return "the Recovery cell after a disconnect (nothing to lose: it only reads), or the Training cell to train"
+        return (
+            "the Recovery cell after a disconnect (it reads checkpoint metadata, never changes a checkpoint, and records "
+            "the session in the experiment database), or the Training cell to train"
+        )
     results = ns["results"]
     if not results.get("metrics_history"):
         return "the Training cell: the run has no completed epoch yet"
@@ -40,7 +43,10 @@ def run(ns: dict[str, Any]) -> None:
               + (f" of {config.epochs}" if config is not None else ""))  # fmt: skip
         print(f"  workspace:  {show_path(ns.get('workspace_root') or results.get('workspace_root'))}")
         print(f"  checkpoint: {show_path(results.get('checkpoint_path'))}")
-        print(f"  source:     {'recovered from disk' if results.get('recovered') else 'trained in this session'}")
+        if results.get("recovered"):
+            print("  source:     recovered from disk (this session recorded as <run>_recovered in the database)")
+        else:
+            print("  source:     trained in this session (a Recovery straight after Training records nothing)")
     else:
         print("Session: no run loaded.")
     print(f"Next: {next_cell(ns)}.")

@@ -1,7 +1,8 @@
 """Checkpoints: what one holds, how it is saved (sync or async), loaded, listed and pruned.
 
 A checkpoint folder `step-NNNNNN/` holds `model.safetensors` (weights: no code runs on
-load), `training_state.pt` (optimizer, scheduler, scaler, RNG, data position; loads with
+load), `training_state.safetensors` (optimizer, scheduler, scaler, RNG, data position: tensors
+plus a JSON structure; format-2 checkpoints have `training_state.pt`, read with
 `torch.load(weights_only=True)`), `trainer_state.json` (step, epoch, metrics, best, drift)
 and `MANIFEST.json`, committed by the protocol in `commit.py`.
 """
@@ -46,13 +47,15 @@ from .commit import (
     write_manifest,
 )
 from .serialization import (
+    LEGACY_STATE_FILE,
     MODEL_FILE,
     STATE_FILE,
+    encode_training_state,
     read_model_file,
     read_training_state,
-    save_training_state,
     split_tied,
     write_safetensors,
+    write_training_state,
 )
 from .trainer_state import TRAINER_FILE, read_trainer_state
 
@@ -62,14 +65,19 @@ log = logging.getLogger(__name__)
 # -- serialisation ------------------------------------------------------------------------
 class StateBuffers:
     """CPU copies of the state, allocated once and reused by every save (pinned on CUDA so
-    that the device-to-host copies are asynchronous)."""
+    that the device-to-host copies of an async save are asynchronous)."""
 
     def __init__(self) -> None:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def snapshot(self, obj: Any, path: tuple = (), *, copy_cpu: bool = True) -> Any:
-        """`obj` with every tensor replaced by its CPU buffer. With copy_cpu=False (a sync
-        save: nothing runs while it writes) CPU tensors are written from where they are."""
+        """`obj` with every tensor replaced by its CPU buffer.
+
+        copy_cpu=True (an async save): every tensor is copied; device-to-host copies are queued
+        non-blocking, and the caller records an event and waits on it before writing.
+        copy_cpu=False (a sync save: nothing runs while it writes): CPU tensors are written from
+        where they are, and device tensors are copied *blocking*, so the buffers hold this step's
+        values when this returns (a reused buffer would otherwise still hold the last save's)."""
         if isinstance(obj, torch.Tensor):
             src = obj.detach()
             if not copy_cpu and src.device.type == "cpu":
@@ -79,7 +87,7 @@ class StateBuffers:
                 pin = src.is_cuda and torch.cuda.is_available()
                 buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
                 self._buffers[path] = buf
-            buf.copy_(src, non_blocking=src.is_cuda)
+            buf.copy_(src, non_blocking=copies_non_blocking(src, copy_cpu=copy_cpu))
             return buf
         if isinstance(obj, dict):
             return {k: self.snapshot(v, (*path, k), copy_cpu=copy_cpu) for k, v in obj.items()}
@@ -88,29 +96,19 @@ class StateBuffers:
             return items if isinstance(obj, list) else tuple(items)
         return obj
 
+    def resident_bytes(self) -> int:
+        """Host memory these buffers hold between saves."""
+        return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-def _cuda_devices(obj: Any, found: set[torch.device]) -> set[torch.device]:
-    if isinstance(obj, torch.Tensor):
-        if obj.is_cuda:
-            found.add(obj.device)
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            _cuda_devices(value, found)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            _cuda_devices(value, found)
-    return found
+    def release(self) -> None:
+        """Free every buffer (the next save allocates them again: its cost is that first touch)."""
+        self._buffers = {}
 
 
-def _wait_for_device_copies(*states: Any) -> None:
-    """Block until the non-blocking device-to-host copies of a snapshot have landed on every
-    CUDA device the state lives on; without it a sync save could write the pinned buffers
-    while they still hold the previous save's bytes (and hash those)."""
-    devices: set[torch.device] = set()
-    for state in states:
-        _cuda_devices(state, devices)
-    for device in devices:
-        torch.cuda.synchronize(device)
+def copies_non_blocking(src: torch.Tensor, *, copy_cpu: bool) -> bool:
+    """Only an async save (copy_cpu=True), which waits on an event before writing, may queue a
+    device-to-host copy without waiting for it; a sync save writes right after the copy."""
+    return src.device.type != "cpu" and copy_cpu
 
 
 @dataclass
@@ -163,13 +161,15 @@ def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
             raise
         model_closed = _BackgroundClose(writer)  # its fsync overlaps the writing of the training state
         try:
-            writer = HashingWriter(tmp / STATE_FILE)
+            encoded = encode_training_state(snap.training_state)
+            state_file = STATE_FILE if encoded is not None else LEGACY_STATE_FILE
+            writer = HashingWriter(tmp / state_file)
             try:
-                save_training_state(snap.training_state, writer)
+                write_training_state(writer, snap.training_state, encoded)
             except BaseException:
                 writer.abort()
                 raise
-            files[STATE_FILE] = writer.close()
+            files[state_file] = writer.close()
         finally:
             files[MODEL_FILE] = model_closed.result()
         files[TRAINER_FILE] = write_json_file(tmp / TRAINER_FILE, snap.trainer_state_json)
@@ -210,9 +210,10 @@ def load_checkpoint(
     step = manifest.get("step", trainer_state.get("step", 0))
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointCorrupt(path / MANIFEST_NAME, f"manifest step {step!r} is not an integer >= 0")
-    training_state = read_training_state(path / STATE_FILE, map_location)
+    state_file = training_state_file(path, manifest)
+    training_state = read_training_state(path / state_file, map_location)
     if not isinstance(training_state, dict):
-        raise CheckpointCorrupt(path / STATE_FILE, f"{STATE_FILE} does not hold a dict; not a training state")
+        raise CheckpointCorrupt(path / state_file, f"{state_file} does not hold a dict; not a training state")
     return LoadedCheckpoint(
         path=path,
         step=step,
@@ -221,6 +222,16 @@ def load_checkpoint(
         trainer_state=trainer_state,
         manifest=manifest,
     )
+
+
+def training_state_file(path: Path, manifest: dict[str, Any]) -> str:
+    """The training-state file the manifest lists: STATE_FILE (format 3), or LEGACY_STATE_FILE
+    (`torch.save`, read with weights_only=True) of format-2 checkpoints."""
+    listed = manifest.get("files") or {}
+    for name in (STATE_FILE, LEGACY_STATE_FILE):
+        if name in listed:
+            return name
+    raise CheckpointCorrupt(path / MANIFEST_NAME, f"the manifest lists no {STATE_FILE} (nor {LEGACY_STATE_FILE})")
 
 
 # -- the manager: one guarded entry per action, background writer named and joined --------
@@ -242,6 +253,7 @@ class CheckpointManager:
         monitor_metric: str,
         monitor_mode: str,
         async_save: bool = True,
+        release_buffers: bool = False,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.keep_last = keep_last
@@ -249,6 +261,9 @@ class CheckpointManager:
         self.monitor_metric = monitor_metric
         self.monitor_mode = monitor_mode
         self.async_save = async_save
+        # Free the snapshot buffers after each save instead of keeping them (a full host copy of
+        # the state) for the next one; each save then pays for allocating them again.
+        self.release_buffers = release_buffers
         self._buffers = StateBuffers()
         self._thread: threading.Thread | None = None
         self._snapshot_taken = threading.Event()
@@ -304,7 +319,6 @@ class CheckpointManager:
 
         if not self.async_save:
             snap = take_snapshot()
-            _wait_for_device_copies(unique, training_state)  # the pinned buffers hold this step's bytes
             self._commit(snap)
             self.check()
             return
@@ -347,6 +361,8 @@ class CheckpointManager:
         try:
             self.last_saved_path = write_checkpoint(self.run_dir, snap)
             self.saves_completed += 1
+            if self.release_buffers:
+                self._buffers.release()
             apply_retention(
                 self.run_dir,
                 keep_last=self.keep_last,

@@ -166,9 +166,12 @@ def new_temp_dir(parent: Path, final_name: str) -> Path:
     return tmp
 
 
-def write_manifest(folder: Path, files: dict[str, dict[str, Any]], **fields: Any) -> None:
-    """Write MANIFEST.json sealed with the hash of its own bytes (taken with the hash field
-    zeroed), so that any flipped byte in it is caught, even one that leaves valid JSON."""
+def write_manifest(
+    folder: Path, files: dict[str, dict[str, Any]], *, manifest_name: str = MANIFEST_NAME, **fields: Any
+) -> None:
+    """Write MANIFEST.json (or `manifest_name`, for a seal beside a single file) sealed with the
+    hash of its own bytes (taken with the hash field zeroed), so that any flipped byte in it is
+    caught, even one that leaves valid JSON."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "hash_algorithm": HASH_ALGORITHM,
@@ -179,7 +182,7 @@ def write_manifest(folder: Path, files: dict[str, dict[str, Any]], **fields: Any
     }
     raw = json.dumps(manifest, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
     raw = raw.replace(_hash_field(_UNSEALED), _hash_field(bytes_digest(raw).encode()), 1)
-    writer = HashingWriter(folder / MANIFEST_NAME)
+    writer = HashingWriter(folder / manifest_name)
     try:
         writer.write(raw)
     except BaseException:

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .metrics_log import drift_history  # noqa: F401 - derived from the metrics rows; re-exported
 from .model import parameter_group
 
 
@@ -63,17 +64,6 @@ def update_ratios(before: dict[str, torch.Tensor], model: torch.nn.Module) -> di
         f"drift/update_ratio/{g}": float(delta_sq[g].sqrt() / base_sq[g].sqrt().clamp_min(1e-12))
         for g in sorted(delta_sq)
     }
-
-
-def drift_history(metrics_history: list[dict]) -> list[dict]:
-    """The drift metrics of each epoch, as the dashboard's drift panels take them: derived from
-    the metrics rows (which carry them), so the checkpoint stores them once."""
-    history = []
-    for row in metrics_history:
-        drift = {k: v for k, v in row.items() if k.startswith("drift/")}
-        if drift:
-            history.append({"epoch": row.get("epoch"), "step": row.get("step"), **drift})
-    return history
 
 
 def variance_from_sums(total: float, total_sq: float, count: int) -> float:

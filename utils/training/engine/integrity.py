@@ -19,8 +19,10 @@ import xxhash
 
 MANIFEST_NAME = "MANIFEST.json"
 # 2: the manifest carries a hash of its own content, so a flipped byte in it is caught too.
-# Version 1 manifests (no self-hash) are still read.
-FORMAT_VERSION = 2
+# 3: the training state is training_state.safetensors (tensors + a JSON structure) instead of
+# torch.save's training_state.pt. Version 1 manifests (no self-hash) and version 2 checkpoints
+# (training_state.pt, read with torch.load(weights_only=True)) are still read.
+FORMAT_VERSION = 3
 MANIFEST_HASH_KEY = "manifest_hash"
 HASH_ALGORITHM = "xxh3_128"
 
@@ -158,11 +160,11 @@ def _safe_member(folder: Path, name: Any) -> Path:
     return folder.joinpath(*parts)
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
+def read_manifest(folder: Path, manifest_name: str = MANIFEST_NAME) -> dict[str, Any]:
     """Parse and validate MANIFEST.json (structure only; sizes and hashes are checked elsewhere)."""
     folder = Path(folder)
-    raw = read_small_file(folder / MANIFEST_NAME, MANIFEST_NAME)
-    manifest = parse_json(folder / MANIFEST_NAME, MANIFEST_NAME, raw)
+    raw = read_small_file(folder / manifest_name, manifest_name)
+    manifest = parse_json(folder / manifest_name, manifest_name, raw)
     if not isinstance(manifest, dict):
         raise CheckpointCorrupt(folder, "manifest is not a JSON object")
     version = manifest.get("format_version")
@@ -183,7 +185,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise CheckpointCorrupt(folder, "manifest lists no files")
     for name, entry in files.items():
         _safe_member(folder, name)
-        if name == MANIFEST_NAME:
+        if name in (MANIFEST_NAME, manifest_name):
             raise CheckpointCorrupt(folder, "manifest lists itself")
         if not isinstance(entry, dict):
             raise CheckpointCorrupt(folder, f"manifest entry for {name!r} is not an object")
@@ -194,8 +196,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise CheckpointCorrupt(folder, f"manifest entry for {name!r} has no valid hash")
     if version >= 2 and not _is_sealed(raw, manifest):
         raise CheckpointCorrupt(
-            folder / MANIFEST_NAME,
-            "MANIFEST.json does not match its own hash (corrupted bytes)",
+            folder / manifest_name,
+            f"{manifest_name} does not match its own hash (corrupted bytes)",
             "this checkpoint is damaged; use an older one",
         )
     return manifest

@@ -29,9 +29,10 @@ class Loop:
 
     def __init__(self, ts: TrainState, *, runtime: Any, stop: StopRequested, autocast: Callable[[], Any],
                  say: Callable[[str], None], on_save_error: Callable[[CheckpointWriteError], None],
-                 steps_log: StepsLog | None, progress: bool) -> None:  # fmt: skip
+                 steps_log: StepsLog | None, progress: bool, tensorboard: Any = None) -> None:  # fmt: skip
         self.ts, self.rt, self.stop, self.autocast = ts, runtime, stop, autocast
         self.say, self.on_save_error, self.steps_log = say, on_save_error, steps_log
+        self.tb = tensorboard  # a TensorBoardLogger on the main process when config.tensorboard is on
         self.bar = None
         if progress and runtime.is_main:
             from tqdm.auto import tqdm
@@ -133,6 +134,8 @@ class Loop:
         ts.interval_sums = ts.fresh_sums()
         if self.steps_log is not None:
             self.append_log(self.steps_log.path, lambda: self.steps_log.append(row))
+        if self.tb is not None:
+            self.tb.log_step(row["step"], row)
 
     def append_log(self, path: Path, append: Callable[[], None]) -> None:
         """A failed append of a log line (a full disk) is a failed save: on_save_error decides.
@@ -158,6 +161,9 @@ class Loop:
             return
         metrics_file = ts.config.run_dir / METRICS_FILE
         self.append_log(metrics_file, lambda: append_jsonl(metrics_file, row))
+        if self.tb is not None:
+            self.tb.log_epoch(row["step"], row)
+            self.tb.flush()
         shown = "  ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("train/", "val/")))
         events.info("epoch %d (step %d): %s", row["epoch"], row["step"], shown, extra={"epoch_row": row})
         if ts.db is not None:
@@ -184,6 +190,8 @@ class Loop:
             return
         if self.steps_log is not None:  # every step line up to this checkpoint is on disk before it commits
             self.append_log(self.steps_log.path, self.steps_log.sync)
+        if self.tb is not None:  # its events up to this checkpoint too: a resume purges only those past it
+            self.tb.flush()
         metrics = p.metrics_history[-1] if reason == "epoch_end" and p.metrics_history else {}
         manifest_fields = {"epoch": ts.epoch, "reason": reason,
                            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}  # fmt: skip

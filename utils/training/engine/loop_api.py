@@ -63,7 +63,8 @@ class CheckpointedRun:
         cfg = self.config
         self.manager = CheckpointManager(self.run_dir, keep_last=cfg.keep_last, keep_best=cfg.keep_best,
                                          monitor_metric=cfg.monitor_metric, monitor_mode=cfg.monitor_mode,
-                                         async_save=cfg.async_save)  # fmt: skip
+                                         async_save=cfg.async_save,
+                                         release_buffers=cfg.release_snapshot_buffers)  # fmt: skip
         self._hook = optimizer.register_step_pre_hook(lambda *_: self.manager.wait_for_snapshot())
         self.metrics_history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None

@@ -145,3 +145,14 @@ def trim_steps_log(path: Path, step: int) -> None:
     """Cut steps.jsonl back to the lines at or before `step` (a resume replays the rest exactly)."""
     if Path(path).exists():
         rewrite_jsonl(Path(path), read_steps_log(path, up_to_step=step))
+
+
+def drift_history(metrics_history: list[dict]) -> list[dict]:
+    """The drift metrics of each epoch, as the dashboard's drift panels take them: derived from
+    the metrics rows (which carry them), so the checkpoint stores them once."""
+    history = []
+    for row in metrics_history:
+        drift = {k: v for k, v in row.items() if k.startswith("drift/")}
+        if drift:
+            history.append({"epoch": row.get("epoch"), "step": row.get("step"), **drift})
+    return history

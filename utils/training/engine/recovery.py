@@ -22,7 +22,8 @@ from .checkpoint_index import (
     ranked_checkpoints,
 )
 from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
-from .metrics_log import METRICS_FILE, STEPS_FILE, read_metrics_log, read_steps_log, thin_rows
+from .foreign_runs import SOURCE_OURS, NoForeignCheckpoint, detect, read_foreign_run
+from .metrics_log import METRICS_FILE, STEPS_FILE, drift_history, read_metrics_log, read_steps_log, thin_rows
 from .rollback import abandoned_batches
 from .trainer_state import TRAINER_FILE, read_trainer_state
 
@@ -33,16 +34,6 @@ DEFAULT_SEARCH_DIRS = (
     "./training_output/checkpoints",
     "./tmp_training_output/checkpoints",
 )
-
-
-def drift_history(metrics_history: list[dict]) -> list[dict]:
-    """The drift metrics of each epoch, derived from the metrics rows (which carry them)."""
-    history = []
-    for row in metrics_history:
-        drift = {k: v for k, v in row.items() if k.startswith("drift/")}
-        if drift:
-            history.append({"epoch": row.get("epoch"), "step": row.get("step"), **drift})
-    return history
 
 
 def _is_run_dir(path: Path) -> bool:
@@ -173,6 +164,7 @@ def build_results(
     monitor = config.get("monitor_metric", "val/loss")
     monitor_mode = config.get("monitor_mode", "min")
     return {
+        "source": SOURCE_OURS,
         "run_name": state.get("run_name", run_dir.name),
         "run_id": state.get("run_id", run_info.get("run_id")),
         "workspace_root": str(workspace),
@@ -198,6 +190,23 @@ def build_results(
     }
 
 
+def _foreign_results(base: Path, run_name: str | None, skipped: list[dict[str, str]]) -> dict[str, Any] | None:
+    """The results of a Hugging Face output_dir or Lightning log folder at `base`, or None
+    (not one, another run name, or nothing readable there: listed in `skipped`)."""
+    found = detect(base)
+    if found is None:
+        return None
+    try:
+        results = read_foreign_run(*found, recovered=True)
+    except (NoForeignCheckpoint, CheckpointCorrupt) as exc:
+        skipped.append({"path": str(exc.path), "reason": exc.reason})
+        return None
+    if run_name is not None and results["run_name"] != run_name:
+        return None
+    results["skipped"] = skipped + results["skipped"]
+    return results
+
+
 def recover(
     checkpoint_directory: str | os.PathLike | None = None,
     search_dirs: list[str | os.PathLike] | None = None,
@@ -213,6 +222,9 @@ def recover(
         searched.append(str(base))
         if not base.is_dir():
             continue
+        if (foreign := _foreign_results(base, run_name, skipped)) is not None:
+            foreign["searched"] = searched
+            return foreign
         runs, named_checkpoint = resolve_runs(base)
         if run_name is not None:
             runs = [r for r in runs if r.name == run_name]

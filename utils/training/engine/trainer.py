@@ -289,7 +289,9 @@ class Trainer:
                          monitor_mode=cfg.monitor_mode, async_save=cfg.async_save)  # fmt: skip
         if rt.distributed:
             return DistributedCheckpointManager(rt, run_dir, **retention)
-        return CheckpointManager(run_dir, **retention) if rt.is_main else None
+        if not rt.is_main:
+            return None
+        return CheckpointManager(run_dir, **retention, release_buffers=cfg.release_snapshot_buffers)
 
     # -- the run --------------------------------------------------------------------------
     def _fit(self, run_dir: Path, stop: StopRequested) -> dict[str, Any]:
@@ -300,15 +302,21 @@ class Trainer:
         if rt.is_main:
             self._set_aside(plan)
         steps_log: StepsLog | None = None
+        tb: Any = None  # the TensorBoard writer when config.tensorboard is on
         status = "failed"
         try:
             if rt.is_main:
                 self._prepare_run_folder(ts, loaded, plan)
                 steps_log = StepsLog(run_dir / STEPS_FILE)
+                if self.config.tensorboard:  # tensorboard is imported only when it is on
+                    from ..integrations.tensorboard import tensorboard_for
+
+                    tb = tensorboard_for(self.config, start_step=ts.progress.step)
             ts.progress.run_id = rt.broadcast_object(ts.progress.run_id)
             ts.manager = self._manager(run_dir)
             loop = Loop(ts, runtime=rt, stop=stop, autocast=self._autocast, say=self._say,
-                        on_save_error=self._handle_save_error, steps_log=steps_log, progress=self.progress)  # fmt: skip
+                        on_save_error=self._handle_save_error, steps_log=steps_log, progress=self.progress,
+                        tensorboard=tb)  # fmt: skip
             status = loop.run()
             if steps_log is not None:  # a failed final fsync (a full disk) is a failed save
                 loop.append_log(steps_log.path, steps_log.close)
@@ -327,6 +335,8 @@ class Trainer:
                     steps_log.close()
                 except OSError:
                     log.exception("could not close %s", steps_log.path)  # never hides the error that stopped training
+            if tb is not None:
+                tb.close()
             self._finish_db(ts, status)
         rt.barrier()
         results = build_results(run_dir, recovered=False)

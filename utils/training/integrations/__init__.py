@@ -1,0 +1,1 @@
+"""Opt-in integrations: Hugging Face Trainer and Lightning checkpoint seals, TensorBoard logging, MLflow export."""
