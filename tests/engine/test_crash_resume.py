@@ -29,7 +29,7 @@ from utils.training.engine.recovery import recover
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 RUN = "crash"
-EPOCHS, STEPS_PER_EPOCH = 5, 10  # room for 16 kills on a busy machine, where each process may run several steps
+EPOCHS, STEPS_PER_EPOCH = 5, 20  # room for 16 kills on a busy machine, where each process may run several steps
 # Columns that depend only on the computation, never on the clock.
 DETERMINISTIC = ("train/loss", "val/loss", "grad_norm", "learning_rate", "drift/token_js", "drift/grad_norm_var")
 TIMING = {"epoch_seconds", "tokens_per_second", "samples_per_second", "time"}
