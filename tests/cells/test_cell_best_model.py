@@ -51,19 +51,40 @@ def test_only_results_is_enough(recovered_ns: dict[str, Any], capsys) -> None:
     assert "metrics_df is missing: using the metrics in `results`" in out and "every hash verified" in out
 
 
-def test_a_damaged_best_checkpoint_is_reported_not_loaded(recovered_ns: dict[str, Any], capsys) -> None:
-    weights = Path(recovered_ns["results"]["best_checkpoint_path"]) / "model.safetensors"
+def _flip_last_byte(checkpoint: Path) -> None:
+    weights = checkpoint / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size: only the full hash check can tell
     weights.write_bytes(bytes(data))
+
+
+def test_a_damaged_best_checkpoint_is_passed_over_for_the_best_that_verifies(
+    recovered_ns: dict[str, Any], capsys
+) -> None:
+    best = Path(recovered_ns["results"]["best_checkpoint_path"])
+    assert best.name == "step-000010"  # epoch 2 of the shared run
+    _flip_last_byte(best)
     best_model.run(recovered_ns)
     out = capsys.readouterr().out
-    assert "failed verification" in out and "best_checkpoint_path" not in recovered_ns
+    assert "Passed over" in out and "step-000010" in out
+    assert "Using" in out and "step-000005" in out and "every hash verified" in out
+    assert recovered_ns["best_checkpoint_path"].endswith("step-000005")  # epoch 1's, the next best by val/loss
 
 
-def test_a_deleted_best_checkpoint_is_reported(recovered_ns: dict[str, Any], capsys) -> None:
+def test_a_deleted_best_checkpoint_is_reported_and_another_used(recovered_ns: dict[str, Any], capsys) -> None:
     import shutil
 
     shutil.rmtree(recovered_ns["results"]["best_checkpoint_path"])
     best_model.run(recovered_ns)
-    assert "does not exist" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "is gone" in out and recovered_ns["best_checkpoint_path"].endswith("step-000005")
+
+
+def test_every_checkpoint_damaged_is_said_once_with_what_to_do(recovered_ns: dict[str, Any], capsys) -> None:
+    run_dir = Path(recovered_ns["results"]["best_checkpoint_path"]).parent
+    for checkpoint in run_dir.glob("step-*"):
+        _flip_last_byte(checkpoint)
+    best_model.run(recovered_ns)
+    out = capsys.readouterr().out
+    assert "❌ No checkpoint of run 'r' passes the full integrity check" in out and "start a new run" in out
+    assert "Recovery cell" not in out and "best_checkpoint_path" not in recovered_ns

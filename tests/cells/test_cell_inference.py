@@ -29,14 +29,28 @@ def test_after_recovery_it_loads_the_best_weights_and_samples_reproducibly(
     assert _sample(first).strip() and _sample(first) == _sample(second)  # the byte LM's sample_fn, seeded
 
 
-def test_a_tampered_checkpoint_is_refused(recovered_ns: dict[str, Any], capsys) -> None:
+def test_a_tampered_checkpoint_is_refused_and_the_best_that_verifies_is_used(
+    recovered_ns: dict[str, Any], capsys
+) -> None:
     weights = Path(recovered_ns["results"]["best_checkpoint_path"]) / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     inference.run(recovered_ns)
     out = capsys.readouterr().out
-    assert "❌ Could not load" in out and "best_model" not in recovered_ns
+    assert "failed its integrity check" in out and "step-000010" in out
+    assert "✅ Loaded" in out and "step-000005" in out and inference.SAMPLE_START in out
+
+
+def test_nothing_that_verifies_is_said_not_loaded(recovered_ns: dict[str, Any], capsys) -> None:
+    run_dir = Path(recovered_ns["results"]["best_checkpoint_path"]).parent
+    for weights in run_dir.glob("step-*/model.safetensors"):
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    inference.run(recovered_ns)
+    out = capsys.readouterr().out
+    assert "❌ No checkpoint of run 'r' passes the full integrity check" in out and "best_model" not in recovered_ns
 
 
 def test_a_bad_length_is_reported(recovered_ns: dict[str, Any], capsys) -> None:

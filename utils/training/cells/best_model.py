@@ -26,10 +26,40 @@ def _number(row: dict[str, Any], key: str) -> float | None:
         return None
 
 
+def verified_best(results: dict[str, Any], recorded: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The best checkpoint of the run whose every hash matches (the recorded one when it does), and
+    its manifest; each damaged one passed over is named. The same full check as Training's resume,
+    so a damaged best never sends the user back to Recovery, which would pick it again."""
+    from ..engine.checkpoint_index import best_verified_checkpoint
+    from ..engine.integrity import verify_cached
+
+    config = results.get("config") or {}
+    path, passed_over = best_verified_checkpoint(
+        recorded.parent,
+        recorded=recorded if recorded.is_dir() else None,
+        monitor_metric=str(config.get("monitor_metric") or "val/loss"),
+        monitor_mode=str(config.get("monitor_mode") or "min"),
+    )
+    if not recorded.is_dir():
+        print(f"⚠️ The best checkpoint {show_path(recorded)} is gone (moved, or deleted by retention).")
+    for item in passed_over[:5]:
+        print(f"⚠️ Passed over {show_path(item['path'])}: {item['reason']}")
+    if len(passed_over) > 5:
+        print(f"   ... and {len(passed_over) - 5} more damaged checkpoint(s)")
+    if path is None:
+        print(f"❌ No checkpoint of run '{results.get('run_name')}' passes the full integrity check.")
+        print("Next: train it again as a new run (Parameters cell, resume: start a new run), then the Training cell;")
+        print("   the damaged checkpoints stay on disk untouched.")
+        return None, {}
+    if path != recorded:
+        print(f"⚠️ Using {show_path(path)} instead: the best checkpoint of this run that verifies.")
+    return path, verify_cached(path)
+
+
 @text_output
 def run(ns: dict[str, Any], metric: str = "val/loss") -> None:
     from ..analysis import best_epoch_row, metrics_frame
-    from ..engine.commit import CheckpointCorrupt, verify
+    from ..engine.foreign_runs import load_hint
 
     if not check(ns, ["results"], cell="Best model"):
         return
@@ -56,20 +86,15 @@ def run(ns: dict[str, Any], metric: str = "val/loss") -> None:
             print(f"  {label:<28} {format(value, spec)}")
     ns["best_epoch"] = epoch
 
-    path = results.get("best_checkpoint_path") or results.get("checkpoint_path")
-    if not path:
+    if (hint := load_hint(results)) is not None:  # a Hugging Face or Lightning run: checked by its own seal
+        print(f"ℹ️ {hint}.")
+        return
+    recorded = results.get("best_checkpoint_path") or results.get("checkpoint_path")
+    if not recorded:
         print("❌ The results name no checkpoint. Next: run the Recovery cell to read the run from disk.")
         return
-    path = Path(path)
-    if not path.is_dir():
-        print(f"❌ Best checkpoint {show_path(path)} does not exist (moved, or deleted by retention).")
-        print("Next: run the Recovery cell again to find the checkpoints that are on disk now.")
-        return
-    try:
-        manifest = verify(path)
-    except CheckpointCorrupt as exc:
-        print(f"❌ Best checkpoint {show_path(path)} failed verification: {exc.reason}")
-        print("Next: run the Recovery cell again: it passes over damaged checkpoints and finds the newest good one.")
+    path, manifest = verified_best(results, Path(recorded))
+    if path is None:
         return
     ns["best_checkpoint_path"] = str(path)
     saved_epoch = manifest.get("epoch")

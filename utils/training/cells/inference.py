@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from ._namespace import check, show_path, text_output
+from .best_model import verified_best
 
 SAMPLE_START = "----- sample -----"
 SAMPLE_END = "----- end of sample -----"
@@ -48,7 +50,14 @@ def run(ns: dict[str, Any], prompt: str = "def ", max_new_tokens: int = 200, see
         print(f"❌ max_new_tokens={max_new_tokens!r} must be a whole number from 1 to 10000; fix it and re-run.")
         return
     try:
-        model, task = load_task_model(path, **_builder_arguments(ns))
+        try:
+            model, task = load_task_model(path, **_builder_arguments(ns))
+        except CheckpointCorrupt as exc:  # the full check failed: the best checkpoint that passes it
+            print(f"⚠️ {show_path(path)} failed its integrity check: {exc.reason}")
+            path, _ = verified_best(results, Path(path))
+            if path is None:
+                return
+            model, task = load_task_model(path, **_builder_arguments(ns))
     except TaskMismatch as exc:
         print(f"❌ {show_path(path)} was trained with the task builder {exc.recorded!r}, not {exc.given!r}.")
         print("Next: define that builder as build_task in the Model cell, run it, then re-run this cell.")
