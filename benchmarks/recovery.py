@@ -12,6 +12,7 @@ from typing import Any
 
 from utils.training.config import TrainingConfig
 from utils.training.engine.checkpoint import list_checkpoints, load_checkpoint, step_dir_name
+from utils.training.engine.commit import MANIFEST_HASH_KEY, MANIFEST_NAME, read_manifest, write_manifest
 from utils.training.engine.recovery import METRICS_FILE, RUN_FILE, recover
 from utils.training.engine.trainer import Trainer
 
@@ -76,15 +77,22 @@ def train_every_step_run(workspace: Path, steps: int) -> Path:
     return config.run_dir
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Copy a checkpoint folder as hard links (same bytes, no data copied); plain copies where
-    the filesystem has no hard links."""
+def _link_tree(source: Path, target: Path, step: int) -> None:
+    """Copy a checkpoint folder as hard links (same bytes, no data copied; plain copies where the
+    filesystem has no hard links), with its own manifest naming `step`, as its folder name says
+    (recovery skips a folder whose name and manifest disagree)."""
     target.mkdir(parents=True)
     for item in source.iterdir():
+        if item.name == MANIFEST_NAME:
+            continue
         try:
             os.link(item, target / item.name)
         except OSError:
             shutil.copy2(item, target / item.name)
+    manifest = read_manifest(source)
+    fields = {k: v for k, v in manifest.items() if k not in ("format_version", "hash_algorithm", "created_at", "files",
+                                                              MANIFEST_HASH_KEY)}  # fmt: skip
+    write_manifest(target, manifest["files"], **{**fields, "step": step})
 
 
 def build_run_tree(template_run: Path, run_dir: Path, checkpoints: int) -> None:
@@ -94,7 +102,7 @@ def build_run_tree(template_run: Path, run_dir: Path, checkpoints: int) -> None:
         if (template_run / name).exists():
             shutil.copy2(template_run / name, run_dir / name)
     for step in range(1, checkpoints + 1):
-        _link_tree(newest, run_dir / step_dir_name(step))
+        _link_tree(newest, run_dir / step_dir_name(step), step)
 
 
 def _time(fn: Any) -> float:
