@@ -54,10 +54,10 @@ def remove_stale_temp_logs(run_dir: Path) -> list[Path]:
     return removed
 
 
-def read_metrics_log(path: Path) -> list[dict[str, Any]]:
-    """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins). A torn or
-    garbled line, as a crash in the middle of an append leaves, is ignored. A file larger than
-    any run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
+def _rows_by(path: Path, key: str, what: str, keep: Any = None) -> list[dict[str, Any]]:
+    """The JSON object lines of a log, one per integer `key` value (the last line for it wins), in
+    key order. A torn or garbled line, as a crash in the middle of an append leaves, is ignored. A
+    file larger than any run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
     rows: dict[int, dict[str, Any]] = {}
     try:
         with open(path, "rb") as f:
@@ -65,15 +65,21 @@ def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     except OSError:
         return []
     if len(raw) > MAX_METRICS_BYTES:
-        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a metrics log")
+        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a {what}")
     for line in raw.splitlines():
         try:
             row = json.loads(line.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
             continue
-        if isinstance(row, dict) and isinstance(row.get("epoch"), int) and not isinstance(row["epoch"], bool):
-            rows[row["epoch"]] = row
-    return [rows[e] for e in sorted(rows)]
+        value = row.get(key) if isinstance(row, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and (keep is None or keep(value)):
+            rows[value] = row
+    return [rows[v] for v in sorted(rows)]
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """Rows of metrics.jsonl, one per epoch (the last line for an epoch wins)."""
+    return _rows_by(path, "epoch", "metrics log")
 
 
 class StepsLog:
@@ -113,23 +119,7 @@ class StepsLog:
 
 def read_steps_log(path: Path, *, up_to_step: int | None = None) -> list[dict[str, Any]]:
     """Rows of steps.jsonl in step order (the last line for a step wins), up to `up_to_step`."""
-    rows: dict[int, dict[str, Any]] = {}
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_METRICS_BYTES + 1)
-    except OSError:
-        return []
-    if len(raw) > MAX_METRICS_BYTES:
-        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a steps log")
-    for line in raw.splitlines():
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            continue
-        step = row.get("step") if isinstance(row, dict) else None
-        if isinstance(step, int) and not isinstance(step, bool) and (up_to_step is None or step <= up_to_step):
-            rows[step] = row
-    return [rows[s] for s in sorted(rows)]
+    return _rows_by(path, "step", "steps log", None if up_to_step is None else (lambda step: step <= up_to_step))
 
 
 def thin_rows(rows: list[dict[str, Any]], max_rows: int = STEP_HISTORY_MAX_ROWS) -> list[dict[str, Any]]:
