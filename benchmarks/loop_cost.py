@@ -75,8 +75,8 @@ def bench_async_loop(
         got: dict[str, float] = {}
         order = ["without", "with_saves", "released", "sync"]
         for kind in order[r % 4 :] + order[: r % 4]:
+            step += 1  # every run saves under steps of its own: a verified checkpoint is never replaced
             if kind == "sync":
-                step += 1
                 got["sync"] = timed_sync_save(managers["sync"], step, model, optimizer)
             elif kind == "without":
                 got["without"] = train_steps(model, optimizer, batch, steps)

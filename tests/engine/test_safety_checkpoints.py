@@ -287,6 +287,7 @@ def test_retention_ranks_by_saved_at_not_by_step_number(workspace_copy: Path) ->
     manifest["files"][TRAINER_FILE] = hash_file(state_path)
     fields = {k: v for k, v in manifest.items() if k not in ("files", commit.MANIFEST_HASH_KEY, "format_version",
                                                               "hash_algorithm", "created_at")}  # fmt: skip
+    fields["saved_at"] = 4e9  # a save records it in both files
     (run_dir / "step-000005" / MANIFEST_NAME).unlink()
     write_manifest(run_dir / "step-000005", manifest["files"], **fields)
     deleted = apply_retention(run_dir, keep_last=1, keep_best=0, monitor_metric="val/loss", monitor_mode="max")

@@ -30,6 +30,7 @@ from .checkpoint_index import (  # noqa: F401 - listing and retention live there
     list_checkpoints,
     list_leftovers,
     ranked_checkpoints,
+    saved_at_field,
     step_dir_name,
 )
 from .commit import (
@@ -305,7 +306,7 @@ class CheckpointManager:
         self._join()
         unique, aliases = split_tied(model_state)
         trainer_json = encode_json(trainer_state)
-        fields = {"step": step, **(manifest_fields or {})}
+        fields = {"step": step, **saved_at_field(trainer_state), **(manifest_fields or {})}
 
         def take_snapshot() -> Snapshot:
             return Snapshot(

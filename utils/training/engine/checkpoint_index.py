@@ -92,11 +92,20 @@ class CheckpointEntry:
         return float(value) if ok else None
 
 
+def saved_at_field(trainer_state: dict[str, Any]) -> dict[str, float]:
+    """The trainer state's `saved_at`, for the manifest too: ranking checkpoints then reads only
+    their manifests (which the cheap check reads anyway), not every trainer_state.json."""
+    value = trainer_state.get("saved_at")
+    return {"saved_at": float(value)} if isinstance(value, (int, float)) and not isinstance(value, bool) else {}
+
+
 def checkpoint_saved_at(path: Path, manifest: dict[str, Any]) -> float:
-    try:
-        value = read_trainer_state(path, manifest).get("saved_at")
-    except CheckpointCorrupt:
-        value = None
+    value = manifest.get("saved_at")  # in the sealed manifest since format 3's save path; else trainer_state.json
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        try:
+            value = read_trainer_state(path, manifest).get("saved_at")
+        except CheckpointCorrupt:
+            value = None
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         value = manifest.get("created_at")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0

@@ -40,6 +40,7 @@ from .checkpoint import (
     NoCheckpointFound,
     apply_retention,
     load_checkpoint,
+    saved_at_field,
     split_tied,
     step_dir_name,
 )
@@ -135,7 +136,7 @@ class DistributedCheckpointManager:
         tmp_name = new_temp_dir(self.run_dir, final.name).name if rt.is_main else None
         tmp = self.run_dir / rt.broadcast_object(tmp_name)
         pending: dict[str, Any] = {"tmp": tmp, "final": final, "future": None, "error": None,
-                                   "fields": {"step": step, **manifest_fields}}  # fmt: skip
+                                   "fields": {"step": step, **saved_at_field(trainer_state), **manifest_fields}}  # fmt: skip
         try:
             model_state, optim_state = get_state_dict(model, optimizer)
             full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

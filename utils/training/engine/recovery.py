@@ -63,14 +63,24 @@ def resolve_runs(path: Path) -> tuple[list[Path], Path | None]:
     return _runs_in(path), None
 
 
-def _run_recency(run_dir: Path) -> tuple[float, str]:
-    """When a run last saved: the mtime of its newest checkpoint (the folder's when it has none),
-    as the notebook's run picker orders runs."""
-    try:
-        entries, _ = ranked_checkpoints(run_dir)  # its newest checkpoint by saved_at; runs compare by its mtime
-        return (entries[0].path if entries else run_dir).stat().st_mtime, str(run_dir)
-    except (OSError, CheckpointListingError):
-        return 0.0, str(run_dir)
+def _ranked_runs(runs: list[Path]) -> list[tuple[Path, Any]]:
+    """Each run with its ranked checkpoints (or the listing error), most recently saved run first:
+    by the mtime of its newest checkpoint (the folder's when it has none), as the notebook's run
+    picker orders runs. Each run folder is ranked once."""
+    ranked: list[tuple[tuple[float, str], Path, Any]] = []
+    for run_dir in runs:
+        try:
+            outcome: Any = ranked_checkpoints(run_dir)  # its newest checkpoint by saved_at
+        except CheckpointListingError as exc:
+            ranked.append(((0.0, str(run_dir)), run_dir, exc))
+            continue
+        try:
+            recency = ((outcome[0][0].path if outcome[0] else run_dir).stat().st_mtime, str(run_dir))
+        except OSError:
+            recency = (0.0, str(run_dir))
+        ranked.append((recency, run_dir, outcome))
+    ranked.sort(key=lambda item: item[0], reverse=True)
+    return [(run_dir, outcome) for _, run_dir, outcome in ranked]
 
 
 def _best_checkpoint(
@@ -228,15 +238,14 @@ def recover(
         runs, named_checkpoint = resolve_runs(base)
         if run_name is not None:
             runs = [r for r in runs if r.name == run_name]
-        for run_dir in sorted(runs, key=_run_recency, reverse=True):
+        for run_dir, outcome in _ranked_runs(runs):
             # The named step folder first (if any), then the run's checkpoints newest first;
             # each one passed over is listed, also when the run yields nothing.
             tried = [named_checkpoint] if named_checkpoint is not None else []
-            try:
-                entries, passed_over = ranked_checkpoints(run_dir)
-            except CheckpointListingError as exc:
-                skipped.append({"path": exc.path, "reason": exc.reason})
+            if isinstance(outcome, CheckpointListingError):
+                skipped.append({"path": outcome.path, "reason": outcome.reason})
                 continue
+            entries, passed_over = outcome
             skipped += [s for s in passed_over if Path(s["path"]) != named_checkpoint]
             tried += [e.path for e in entries if e.path != named_checkpoint]
             for checkpoint in tried:
