@@ -154,7 +154,7 @@ def test_problem_6_events_and_epoch_rows_are_printed_as_they_happen(capsys) -> N
             capsys.readouterr().out
             == "  epoch 3/30  train/loss 3.1000  val/loss 2.8500  val/accuracy 0.5000  (4.2 s)\n"
         )
-        events.info("stopped; resume with the same command")
+        events.info("stopped; start the same training again to resume")
     assert "re-run the Training cell to continue" in capsys.readouterr().out
     assert printer.rows_printed == 1 and len(printer.said) == 2
     events.info("after the cell")
@@ -165,7 +165,10 @@ def test_problem_8_tables_are_compact_and_messages_use_notebook_words(capsys) ->
     print_table([{"epoch": e, "train/loss": 1.0, "val/loss": 2.0} for e in range(1, 31)])
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 7 and "25 earlier epoch(s)" in out[1] and out[-1].split()[0] == "30"
-    text = notebook_words("use --run-name N, --resume auto or --corpus PATH; resume with the same command")
+    text = notebook_words(
+        "use a new run name, continue it with resume=auto or set corpus to a file; "
+        "start the same training again to resume"
+    )
     assert "--" not in text and "run_name (Parameters cell)" in text and "Training cell" in text
 
 

@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print_json(results)
     else:
         for message in results.get("messages", []):
-            print(message, file=sys.stderr)
+            print(_cli_words(message), file=sys.stderr)
         print("\n".join(summary_lines(results)))
     if results.get("status") == "interrupted":
         print("training stopped by a signal; a checkpoint was saved, run the same command to resume", file=sys.stderr)
@@ -302,15 +302,24 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cli_words(exc: BaseException) -> str:
+# The engine names settings, not flags (the notebook shares it); here each fix is phrased as this
+# command's flags. Longest first where one phrase contains another.
+CLI_WORDS = (
+    ("accept the change on purpose with accept_config_change", "add --accept-config-change to accept it"),
+    ("set them aside and start over with resume=never", "set them aside with --resume never"),
+    ("continue it with resume=auto", "continue it with --resume auto"),
+    ("resume=never was given", "--resume never was given"),
+    ("set resume to auto, never or a step-NNNNNN folder", "pass --resume auto, never or a step-NNNNNN folder"),
+    ("start the same training again to resume", "run the same command to resume"),
+    ("use a new run name", "use a new --run-name"),
+    ("set corpus to", "point --corpus at"),
+)
+
+
+def _cli_words(exc: BaseException | str) -> str:
     """The engine's message, with its fixes phrased as this command's flags."""
     text = str(exc)
-    for engine, cli in (
-        ("accept the change on purpose with accept_config_change", "add --accept-config-change to accept it"),
-        ("set them aside and start over with resume=never", "set them aside with --resume never"),
-        ("continue it with resume=auto", "continue it with --resume auto"),
-        ("use a new run name", "use a new --run-name"),
-    ):
+    for engine, cli in CLI_WORDS:
         text = text.replace(engine, cli)
     return text
 

@@ -159,29 +159,25 @@ def publish(ns: dict[str, Any], results: dict[str, Any], config: Any, *, db: Any
         ns["model"] = model
 
 
-# The engine is shared with the command line, whose messages name its flags; in a cell the same fix is a
-# form field. Longest first, so `--resume auto` is replaced before `--resume`.
+# The engine names settings, not flags (the command line shares it, and words its fixes as flags); in a
+# cell the same fix is a form field. Longest first where one phrase contains another.
 NOTEBOOK_WORDS = (
-    ("resume with the same command", "re-run the Training cell to continue"),
-    ("run the same command to resume", "re-run the Training cell to continue"),
-    ("with the same command", "by re-running the Training cell"),
-    ("--resume auto", "resume = continue (Parameters cell)"),
-    ("--resume never", "resume = start a new run (Parameters cell)"),
-    ("--resume PATH", "resume = a checkpoint folder (Parameters cell)"),
-    ("--resume", "resume (Parameters cell)"),
-    ("--run-name", "run_name (Parameters cell)"),
-    ("--corpus PATH", "data_path (Parameters cell)"),
-    ("--corpus", "data_path (Parameters cell)"),
-    ("--epochs", "epochs (Parameters cell)"),
-    ("--seed", "seed (Parameters cell)"),
-    ("--keep-last", "keep_last (Parameters cell)"),
-    ("--workspace", "workspace (Parameters cell)"),
-    ("--checkpoint-dir", "checkpoint_directory (Recovery cell)"),
+    ("start the same training again to resume", "re-run the Training cell to continue"),
+    ("set them aside and start over with resume=never", "start a new run (Parameters cell, resume)"),
+    ("continue it with resume=auto", "continue it (Parameters cell: resume = continue)"),
+    ("resume=never was given", "a fresh start was asked for"),
+    (
+        "set resume to auto, never or a step-NNNNNN folder",
+        "set resume (Parameters cell) to continue, start a new run or a checkpoint folder",
+    ),
+    ("use a new run name", "use a new run_name (Parameters cell)"),
+    ("set corpus to", "set data_path (Parameters cell) to"),
+    ("raise epochs", "raise epochs (Parameters cell)"),
 )
 
 
 def notebook_words(text: str) -> str:
-    """An engine message with the command line's flags replaced by the form fields that do the same."""
+    """An engine message with its fixes phrased as the form fields and cells that do them."""
     for cli, cell in NOTEBOOK_WORDS:
         text = text.replace(cli, cell)
     return text

@@ -67,7 +67,7 @@ def _corpus_files(corpus: str | None) -> list[Path]:
     if corpus is None:
         files = stdlib_source_files()
         if not files:
-            raise CorpusError("no Python standard library source found; pass --corpus PATH to a text file")
+            raise CorpusError("no Python standard library source found; set corpus to a text file")
         return files
     if not isinstance(corpus, str) or not corpus.strip():
         raise CorpusError(f"corpus {corpus!r} is empty; leave it unset for the default, or give a text file")
@@ -78,7 +78,7 @@ def _corpus_files(corpus: str | None) -> list[Path]:
         if not files:
             raise CorpusError(
                 f"corpus folder {path} has no text files ({', '.join(sorted(TEXT_SUFFIXES))}); "
-                "point --corpus at a text file or a folder of them"
+                "set corpus to a text file or a folder of them"
             )
         return files
     if os.path.lexists(path):

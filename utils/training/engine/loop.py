@@ -80,7 +80,9 @@ class Loop:
                 if ts.manager is not None:
                     self._surface_save_error()
                 if stop_reason is not None:
-                    self.say(f"stopped by {stop_reason} at step {step}; checkpoint saved, resume with the same command")
+                    self.say(
+                        f"stopped by {stop_reason} at step {step}; checkpoint saved; start the same training again to resume"
+                    )
                     return "interrupted"
             return "completed"
         finally:

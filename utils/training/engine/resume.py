@@ -22,8 +22,8 @@ def find_resume_checkpoint(run_dir: Path, resume: str, *, say: Callable[[str], N
     if resume == "never":
         if list_checkpoints(run_dir):
             raise ResumeError(
-                f"run folder {run_dir} already has checkpoints and --resume never was given; "
-                "use --resume auto to continue it, or a new --run-name"
+                f"run folder {run_dir} already has checkpoints and resume=never was given; "
+                "continue it with resume=auto, or use a new run name"
             )
         return None
     if resume != "auto":
@@ -45,5 +45,5 @@ def check_compatible(loaded: LoadedCheckpoint, config: TrainingConfig) -> None:
         if name in saved and saved[name] != getattr(config, name):
             raise ResumeError(
                 f"checkpoint {loaded.path} has {name}={saved[name]} but the config says "
-                f"{getattr(config, name)}; use the same model size, or a new --run-name"
+                f"{getattr(config, name)}; use the same model size, or use a new run name"
             )

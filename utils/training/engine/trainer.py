@@ -82,7 +82,9 @@ class Trainer:
     def __init__(self, config: TrainingConfig, *, build_task: Builder | None = None, task_path: str | None = None,
                  resume: str = "auto", progress: bool = True) -> None:  # fmt: skip
         if resume not in ("auto", "never") and not Path(resume).exists():
-            raise ResumeError(f"--resume {resume}: no such checkpoint folder; pass auto, never or a step-NNNNNN folder")
+            raise ResumeError(
+                f"resume={resume}: no such checkpoint folder; set resume to auto, never or a step-NNNNNN folder"
+            )
         self.config = config
         self.builder, self.task_path = resolve_builder(build_task, task_path)
         self.resume = resume
