@@ -54,18 +54,28 @@ def remove_stale_temp_logs(run_dir: Path) -> list[Path]:
     return removed
 
 
+def read_log_bytes(path: Path, what: str) -> bytes:
+    """A log's bytes, b"" when it does not exist; other OSErrors propagate. A file larger than any
+    run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METRICS_BYTES + 1)
+    except FileNotFoundError:
+        return b""
+    if len(raw) > MAX_METRICS_BYTES:
+        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a {what}")
+    return raw
+
+
 def _rows_by(path: Path, key: str, what: str, keep: Any = None) -> list[dict[str, Any]]:
     """The JSON object lines of a log, one per integer `key` value (the last line for it wins), in
     key order. A torn or garbled line, as a crash in the middle of an append leaves, is ignored. A
     file larger than any run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
     rows: dict[int, dict[str, Any]] = {}
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_METRICS_BYTES + 1)
+        raw = read_log_bytes(path, what)
     except OSError:
         return []
-    if len(raw) > MAX_METRICS_BYTES:
-        raise CheckpointCorrupt(path, f"{Path(path).name} is larger than {MAX_METRICS_BYTES} bytes; not a {what}")
     for line in raw.splitlines():
         try:
             row = json.loads(line.decode("utf-8"))

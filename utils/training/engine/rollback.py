@@ -42,11 +42,11 @@ from .commit import (
     verify_cached,
     write_json_file,
 )
+from .metrics_log import read_log_bytes
 
 JOURNAL_FILE = ".rollback-journal.json"
 LOG_FILES = ("metrics.jsonl", "steps.jsonl")
 RUN_FILE = "run.json"
-MAX_LOG_BYTES = 256 * 1024 * 1024
 
 
 class ResumeRefused(CheckpointError):
@@ -108,13 +108,7 @@ def _write_journal(run_dir: Path, journal: dict[str, Any]) -> None:
 
 
 def _read_lines(path: Path) -> list[bytes]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_LOG_BYTES + 1)
-    except FileNotFoundError:
-        return []
-    if len(raw) > MAX_LOG_BYTES:
-        raise CheckpointCorrupt(path, f"larger than {MAX_LOG_BYTES} bytes; not a log of this package")
+    raw = read_log_bytes(path, "log of this package")  # an unreadable log is an error, never "empty"
     return [line for line in raw.splitlines(keepends=True) if line.strip()]
 
 
