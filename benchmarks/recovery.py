@@ -12,6 +12,7 @@ from typing import Any
 
 from utils.training.config import TrainingConfig
 from utils.training.engine.checkpoint import list_checkpoints, load_checkpoint, step_dir_name
+from utils.training.engine.checkpoint_index import INDEX_FILE
 from utils.training.engine.commit import MANIFEST_HASH_KEY, MANIFEST_NAME, read_manifest, write_manifest
 from utils.training.engine.recovery import METRICS_FILE, RUN_FILE, recover
 from utils.training.engine.trainer import Trainer
@@ -138,9 +139,15 @@ def bench_recovery(workdir: Path, checkpoints: int, repeats: int, scale: tuple[i
     def load_newest() -> None:
         load_checkpoint(found[0][1])
 
-    for warm in (do_recover, naive):  # imports and directory caches on every side
+    # The same run without its index (as a copy by hand, or an older version, leaves it): files hard-linked.
+    unindexed = workdir / "unindexed"
+    shutil.copytree(workspace, unindexed, copy_function=os.link)
+    (unindexed / run_dir.relative_to(workspace) / INDEX_FILE).unlink()
+
+    for warm in (do_recover, naive, lambda: do_recover(unindexed)):  # imports and directory caches on every side
         warm()
-    times = _interleaved(repeats, {"recover": do_recover, "naive": naive, "newest": load_newest})
+    times = _interleaved(repeats, {"recover": do_recover, "naive": naive, "newest": load_newest,
+                                   "unindexed": lambda: do_recover(unindexed)})  # fmt: skip
     with OpenRecorder() as opened:
         results = do_recover()
     cold = cold_recover_rounds(workspace, repeats)
@@ -167,13 +174,15 @@ def bench_recovery(workdir: Path, checkpoints: int, repeats: int, scale: tuple[i
             0.05,
             recover_seconds=rec,
             load_newest_seconds=newest,
+            recover_without_index_seconds=median(times["unindexed"]),
             checkpoints=len(found),
             recover_samples=times["recover"],
             load_newest_samples=times["newest"],
             repeats=repeats,
-            method="per round: recover(workspace, search_dirs=[]) (finds the newest checkpoint, reads its "
-            "metadata and the run's logs) / load_checkpoint() of the newest checkpoint once (hash check + "
-            "load); interleaved in rotating order, page cache warm for both",
+            method="per round: recover(workspace, search_dirs=[]) (ranks the checkpoints through the run's "
+            "index, cheap-checks the newest, reads its metadata and the run's logs) / load_checkpoint() of the "
+            "newest checkpoint once (hash check + load); interleaved in rotating order, page cache warm for both. "
+            "recover_without_index_seconds: the same run hard-linked without its index (every manifest read)",
         ),  # fmt: skip
         "recover_cold_vs_torch_import": cold,
         "recover_bytes_read": entry(
@@ -208,7 +217,7 @@ def _recover_at_scale(
         one_run_seconds=median(times["one"]), one_run_checkpoints=one_run_checkpoints,
         many_runs_seconds=median(times["many"]), runs=runs, checkpoints_per_run=per_run,
         method="per round: the slower of the two recover() calls, in seconds; trees built by hard-linking one "
-        "checkpoint folder",
+        "checkpoint folder, without an index (the worst case: every manifest is read)",
     )  # fmt: skip
 
 

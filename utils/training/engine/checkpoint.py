@@ -30,6 +30,7 @@ from .checkpoint_index import (  # noqa: F401 - listing and retention live there
     list_checkpoints,
     list_leftovers,
     ranked_checkpoints,
+    refresh_index,
     saved_at_field,
     step_dir_name,
 )
@@ -371,6 +372,7 @@ class CheckpointManager:
                 monitor_metric=self.monitor_metric,
                 monitor_mode=self.monitor_mode,
             )
+            refresh_index(self.run_dir)  # what recovery ranks by without reading every manifest
         except BaseException as exc:  # handed to the training thread by check()
             self._errors.append(exc)
 

@@ -5,24 +5,37 @@ checkpoint (not file mtimes, not the step in the name), ties broken by path; a f
 name and manifest disagree on the step is skipped with that reason (commit.cheap_check).
 Retention, the newest and the best are chosen among checkpoints that verify: a damaged
 folder never fills a keep slot, so a new checkpoint is never deleted to keep it.
+
+Read-only callers (recovery) rank through `.checkpoint-index.json`, a cache that the saving
+process rewrites after each commit: each entry holds what ranks one checkpoint (step,
+saved_at, metrics) and the identity of the MANIFEST.json it was read from (inode, size,
+mtime and ctime, in ns). An entry is used only while that identity is unchanged, which any
+rewrite, replacement or copy of the manifest breaks (ctime cannot be set back by a user);
+every other folder has its manifest read as without the index. Ranking stays exact and a
+stale, damaged or missing index costs only speed. Folders taken from the index have not had
+their files stat'ed: a caller checks the one it takes (recovery does).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .commit import (
+    MANIFEST_NAME,
     TEMP_PREFIX,
     TRASH_PREFIX,
     CheckpointCorrupt,
     CheckpointError,
     UnsupportedFormat,
     cheap_check,
+    read_json,
     remove_tree,
     verify_cached,
 )
@@ -31,6 +44,8 @@ from .trainer_state import read_trainer_state
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+INDEX_FILE = ".checkpoint-index.json"
+INDEX_FORMAT = 1
 
 
 class NoCheckpointFound(CheckpointError):
@@ -51,8 +66,13 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     excluded). A missing run folder has none; one that cannot be listed raises
     CheckpointListingError."""
     run_dir = Path(run_dir)
+    return [(step, run_dir / name) for step, name in _step_names(run_dir)]
+
+
+def _step_names(run_dir: Path) -> list[tuple[int, str]]:
     try:
-        entries = list(run_dir.iterdir())
+        with os.scandir(run_dir) as listing:
+            names = [entry.name for entry in listing]
     except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
@@ -62,10 +82,10 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
             "check the mount or permissions and try again; nothing was changed",
         ) from exc
     found = []
-    for entry in entries:
-        match = STEP_DIR.match(entry.name)
+    for name in names:
+        match = STEP_DIR.match(name)
         if match:
-            found.append((int(match.group(1)), entry))
+            found.append((int(match.group(1)), name))
     return sorted(found, reverse=True)
 
 
@@ -81,13 +101,20 @@ def list_leftovers(run_dir: Path) -> list[Path]:
 class CheckpointEntry:
     """One checkpoint that passed the cheap check, with what ranks it."""
 
-    path: Path
+    run_dir: Path
+    name: str
     step: int
     saved_at: float
-    manifest: dict[str, Any] = field(repr=False, compare=False)
+    metrics: dict[str, Any] = field(repr=False, compare=False)
+    manifest: dict[str, Any] | None = field(default=None, repr=False, compare=False)  # None: taken from the index
+    identity: list[int] | None = field(default=None, repr=False, compare=False)  # of its MANIFEST.json, for the index
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / self.name
 
     def metric(self, name: str) -> float | None:
-        value = (self.manifest.get("metrics") or {}).get(name)
+        value = self.metrics.get(name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else None
 
@@ -112,15 +139,26 @@ def checkpoint_saved_at(path: Path, manifest: dict[str, Any]) -> float:
 
 
 def ranked_checkpoints(
-    run_dir: Path, *, refuse_newer: bool = False
+    run_dir: Path, *, refuse_newer: bool = False, use_index: bool = False
 ) -> tuple[list[CheckpointEntry], list[dict[str, str]]]:
     """Checkpoints that pass the cheap check, newest first by saved_at (ties: by path), and
     the folders passed over with their reasons. With refuse_newer, a checkpoint written by a
     newer format version raises UnsupportedFormat instead of being passed over (a resume
-    must not fall back past it and overwrite a newer version's work)."""
+    must not fall back past it and overwrite a newer version's work). With use_index, a
+    folder whose manifest is unchanged since the index recorded it is ranked from the index
+    (its files not stat'ed: see the module docstring)."""
+    index = _read_index(run_dir) if use_index else {}
     entries: list[CheckpointEntry] = []
     skipped: list[dict[str, str]] = []
-    for step, path in list_checkpoints(run_dir):
+    run_dir = Path(run_dir)
+    for step, name in _step_names(run_dir):
+        identity = _manifest_identity(run_dir, name) if use_index else None  # taken before the read
+        cached = index.get(name)
+        if cached is not None and identity is not None and _index_entry_matches(cached, identity, step):
+            entries.append(CheckpointEntry(run_dir, name, step, float(cached["saved_at"]), cached["metrics"],
+                                           None, identity))  # fmt: skip
+            continue
+        path = run_dir / name
         try:
             manifest = cheap_check(path)
         except UnsupportedFormat:
@@ -131,9 +169,61 @@ def ranked_checkpoints(
         except CheckpointCorrupt as exc:
             skipped.append({"path": str(path), "reason": exc.reason})
             continue
-        entries.append(CheckpointEntry(path, step, checkpoint_saved_at(path, manifest), manifest))
-    entries.sort(key=lambda e: (e.saved_at, str(e.path)), reverse=True)
+        metrics = manifest.get("metrics")
+        entries.append(CheckpointEntry(run_dir, name, step, checkpoint_saved_at(path, manifest),
+                                       metrics if isinstance(metrics, dict) else {}, manifest, identity))  # fmt: skip
+    entries.sort(key=lambda e: (e.saved_at, e.name), reverse=True)  # one run folder: the name orders as the path
     return entries, skipped
+
+
+def _manifest_identity(run_dir: Path, name: str) -> list[int] | None:
+    try:
+        st = os.lstat(f"{run_dir}/{name}/{MANIFEST_NAME}")
+    except OSError:
+        return None
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _index_entry_matches(item: Any, identity: list[int], step: int) -> bool:
+    return (
+        isinstance(item, dict)
+        and item.get("sig") == identity
+        and item.get("step") == step
+        and type(item.get("saved_at")) in (int, float)
+        and isinstance(item.get("metrics"), dict)
+    )
+
+
+def _read_index(run_dir: Path) -> dict[str, Any]:
+    """The index's entries by folder name (each checked when used); {} when it is missing or
+    not one this code wrote."""
+    try:
+        data = read_json(Path(run_dir) / INDEX_FILE, INDEX_FILE)
+    except CheckpointCorrupt:
+        return {}
+    if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT or not isinstance(data.get("entries"), dict):
+        return {}
+    return data["entries"]
+
+
+def refresh_index(run_dir: Path) -> None:
+    """Rewrite the run's index to match its checkpoints (only the manifests that changed are
+    read). Called by the saving process after each commit and retention pass. It is a cache: a
+    failure to write it is logged at debug level and costs recovery only speed, never a save."""
+    run_dir = Path(run_dir)
+    try:
+        entries, _ = ranked_checkpoints(run_dir, use_index=True)
+        payload = {
+            e.name: {"sig": e.identity, "step": e.step, "saved_at": e.saved_at, "metrics": e.metrics}
+            for e in entries
+            if e.identity is not None
+        }
+        raw = json.dumps({"format": INDEX_FORMAT, "entries": payload}, separators=(",", ":"), allow_nan=True)
+        tmp = run_dir / (INDEX_FILE + ".tmp")
+        tmp.write_text(raw, encoding="utf-8")
+        os.replace(tmp, run_dir / INDEX_FILE)
+    except (OSError, CheckpointError) as exc:
+        log.debug("checkpoint index of %s not refreshed: %s", run_dir, exc)
 
 
 def latest_valid_checkpoint(run_dir: Path, *, full: bool = True) -> tuple[Path | None, list[dict[str, str]]]:

@@ -44,6 +44,7 @@ from .checkpoint import (
     split_tied,
     step_dir_name,
 )
+from .checkpoint_index import refresh_index
 from .checkpoint_steps import best_step, latest_step
 from .commit import (
     MAX_JSON_BYTES,
@@ -185,6 +186,7 @@ class DistributedCheckpointManager:
                 write_manifest(tmp, files, world_size=rt.world_size, **pending["fields"])
                 commit_dir(tmp, final)
                 apply_retention(self.run_dir, **self.retention)
+                refresh_index(self.run_dir)
             except (OSError, CheckpointError) as exc:  # every rank must hear of it, or they wait for ever
                 failed = [f"commit: {getattr(exc, 'strerror', None) or exc}"]
         failed = rt.broadcast_object(failed)

@@ -5,6 +5,8 @@ It reads JSON and `stat`, never weights, and imports no torch: the newest checkp
 and valid, every file present with its size, folder name and manifest step agreeing) is
 taken, and everything passed over is listed in `skipped` with the reason: damaged folders,
 a recorded best checkpoint that is gone, and what rollbacks set aside in `abandoned/`.
+Checkpoints are ranked through the run's index (checkpoint_index.py), so only the manifests
+that changed since the last save, and the one taken, are read.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def _ranked_runs(runs: list[Path]) -> list[tuple[Path, Any]]:
     ranked: list[tuple[tuple[float, str], Path, Any]] = []
     for run_dir in runs:
         try:
-            outcome: Any = ranked_checkpoints(run_dir)  # its newest checkpoint by saved_at
+            outcome: Any = ranked_checkpoints(run_dir, use_index=True)  # its newest checkpoint by saved_at
         except CheckpointListingError as exc:
             ranked.append(((0.0, str(run_dir)), run_dir, exc))
             continue
@@ -89,6 +91,8 @@ def _best_checkpoint(
     """The recorded best checkpoint, or (said in `skipped`, with the reason) the newest valid one."""
     best = trainer_state.get("best") or {}
     name = best.get("checkpoint")
+    if name == fallback.name and fallback.parent == run_dir:
+        return fallback  # the checkpoint being recovered: checked already
     if isinstance(name, str) and "/" not in name and name not in ("", ".", ".."):
         try:
             cheap_check(run_dir / name)
@@ -108,18 +112,24 @@ def best_epoch(metrics_history: list[dict[str, Any]], metric: str = "val/loss", 
 
 
 def build_results(
-    run_dir: Path, *, checkpoint: Path | None = None, recovered: bool, skipped: list[dict[str, str]] | None = None
+    run_dir: Path,
+    *,
+    checkpoint: Path | None = None,
+    recovered: bool,
+    skipped: list[dict[str, str]] | None = None,
+    manifest: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results dict (see DESIGN.md) for one run folder, from metadata only."""
+    """The results dict (see DESIGN.md) for one run folder, from metadata only. `manifest` is
+    `checkpoint`'s, when the caller has just cheap-checked it."""
     run_dir = Path(run_dir)
     skipped = list(skipped or [])
     state: dict[str, Any] | None = None
     if checkpoint is None:
-        entries, passed_over = ranked_checkpoints(run_dir)
+        entries, passed_over = ranked_checkpoints(run_dir, use_index=True)
         skipped += passed_over
         for entry in entries:
             try:
-                state = read_trainer_state(entry.path, entry.manifest)
+                state = read_trainer_state(entry.path, entry.manifest or cheap_check(entry.path))
                 checkpoint = entry.path
                 break
             except CheckpointCorrupt as exc:
@@ -137,7 +147,7 @@ def build_results(
     except CheckpointListingError as exc:
         skipped.append({"path": exc.path, "reason": exc.reason})
     if state is None:  # the trainer state is small: its bytes are checked against the manifest's hash
-        state = read_trainer_state(checkpoint, cheap_check(checkpoint))
+        state = read_trainer_state(checkpoint, manifest or cheap_check(checkpoint))
     run_info: Any = {}
     try:
         run_info = read_json(run_dir / RUN_FILE, RUN_FILE)
@@ -250,8 +260,9 @@ def recover(
             tried += [e.path for e in entries if e.path != named_checkpoint]
             for checkpoint in tried:
                 try:
-                    cheap_check(checkpoint)
-                    results = build_results(run_dir, checkpoint=checkpoint, recovered=True, skipped=skipped)
+                    manifest = cheap_check(checkpoint)
+                    results = build_results(run_dir, checkpoint=checkpoint, recovered=True, skipped=skipped,
+                                            manifest=manifest)  # fmt: skip
                 except CheckpointCorrupt as exc:
                     skipped.append({"path": str(checkpoint), "reason": exc.reason})
                     continue
