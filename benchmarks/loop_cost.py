@@ -32,11 +32,13 @@ def train_steps(
     save_every: int = 0,
     first_step: int = 0,
     saves: int = 0,
+    step_seconds: list[float] | None = None,
 ) -> float:
     """Seconds for `steps` training steps; with a manager, `saves` saves, after steps 1, 1 + save_every,
     ... (the last one `save_every` steps before the end). The wait for the last save to finish is
-    inside the timed loop: everything a save costs the loop is counted."""
-    start = time.perf_counter()
+    inside the timed loop: everything a save costs the loop is counted. `step_seconds` receives each
+    step's seconds (the save call in its step, the final wait in the last one)."""
+    start = previous = time.perf_counter()
     for s in range(1, steps + 1):
         model(batch).square().mean().backward()
         if manager is not None:
@@ -45,9 +47,21 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         if manager is not None and (s - 1) % save_every == 0 and (s - 1) // save_every < saves:
             save_once(manager, first_step + s, model, optimizer)
-    if manager is not None:
-        manager.wait_until_finished()
+        if manager is not None and s == steps:
+            manager.wait_until_finished()
+        if step_seconds is not None:
+            now = time.perf_counter()
+            step_seconds.append(now - previous)
+            previous = now
     return time.perf_counter() - start
+
+
+def windowed_losses(with_steps: list[float], without_steps: list[float], every: int, saves: int) -> list[float]:
+    """Per save: the seconds of the `every` steps from it to the next save, less the same steps of the
+    same round's loop without saves. The median over many saves shrugs off a burst of load elsewhere
+    that hits a few windows, where one segment's sum cannot."""
+    return [sum(with_steps[i * every : (i + 1) * every]) - sum(without_steps[i * every : (i + 1) * every])
+            for i in range(saves)]  # fmt: skip
 
 
 def bench_async_loop(
@@ -69,26 +83,31 @@ def bench_async_loop(
         save_once(manager, 0, model, optimizer)
         manager.wait_until_finished()
     rounds: list[dict[str, float]] = []
+    windowed: list[float] = []
     resident = managers["with_saves"]._buffers.resident_bytes()
     step = 1
     for r in range(repeats):
         got: dict[str, float] = {}
+        per_step: dict[str, list[float]] = {"without": [], "with_saves": []}
         order = ["without", "with_saves", "released", "sync"]
         for kind in order[r % 4 :] + order[: r % 4]:
             step += 1  # every run saves under steps of its own: a verified checkpoint is never replaced
             if kind == "sync":
                 got["sync"] = timed_sync_save(managers["sync"], step, model, optimizer)
             elif kind == "without":
-                got["without"] = train_steps(model, optimizer, batch, steps)
+                got["without"] = train_steps(model, optimizer, batch, steps, step_seconds=per_step[kind])
             else:
-                got[kind] = train_steps(model, optimizer, batch, steps, managers[kind], every, step * 1000, saves)
+                got[kind] = train_steps(
+                    model, optimizer, batch, steps, managers[kind], every, step * 1000, saves, per_step.get(kind)
+                )
             if kind in managers:
                 prune_old_checkpoints(managers[kind])
         rounds.append(got)
+        windowed += windowed_losses(per_step["with_saves"], per_step["without"], every, saves)
     released_resident = managers["released"]._buffers.resident_bytes()
     for manager in managers.values():
         manager.close()
-    return _loop_cost_entries(rounds, saves, steps, every, n_bytes, resident, released_resident, repeats)
+    return _loop_cost_entries(rounds, saves, steps, every, n_bytes, resident, released_resident, repeats, windowed)
 
 
 def _loop_cost_entries(
@@ -100,6 +119,7 @@ def _loop_cost_entries(
     resident: int,
     released_resident: int,
     repeats: int,
+    windowed: list[float],
 ) -> dict[str, dict[str, Any]]:
     def lost_per_save(kind: str) -> list[float]:
         return [(r[kind] - r["without"]) / n_saves for r in rounds]
@@ -120,11 +140,18 @@ def _loop_cost_entries(
             loop_seconds_without_saves=median(r["without"] for r in rounds),
             loop_seconds_with_saves=median(r["with_saves"] for r in rounds),
             lost_per_save_samples=lost_per_save("with_saves"),
+            windowed_seconds_lost_per_save=median(windowed),
+            windowed_seconds_lost_per_save_min=min(windowed),
+            windowed_seconds_lost_per_save_max=max(windowed),
+            windowed_loop_cost_ratio=median(windowed) / sync,
             **common,
             method="per round: (loop seconds with async saves - the same loop without, equal step counts) / saves "
             "/ a sync save's seconds in that round. The loop: forward, backward, wait_for_snapshot, AdamW step "
             "over the saved Linear stack; the wait for the last save to finish is inside the timed loop, so "
-            "the stall, the writer thread's CPU and GIL taken from the following steps all count",
+            "the stall, the writer thread's CPU and GIL taken from the following steps all count. Saves are "
+            "save_every_steps apart (one ends before the next starts). windowed_*: a cross-check, not the "
+            "verdict: per save, the steps from it to the next save less the same steps of the same round's "
+            "loop without saves, median over every save of every round",
         ),  # fmt: skip
         "save_resident_ratio": entry(
             [resident / n_bytes],
