@@ -39,7 +39,7 @@ class Sizes:
 
 QUICK = Sizes(
     save_state_mib=64, save_layer_width=1024, save_repeats=15,
-    loop_cost_steps=24, loop_cost_saves=3, loop_cost_repeats=15, loop_cost_batch=32,
+    loop_cost_steps=24, loop_cost_saves=3, loop_cost_repeats=21, loop_cost_batch=32,
     every_step_checkpoints=40, recover_repeats=7,
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=50,
     loop_steps_per_epoch=100, loop_epochs=2, loop_repeats=7, checkpoint_every_steps=50,
