@@ -255,8 +255,9 @@ class CheckpointManager:
     """Saves checkpoints for one run, synchronously or in a background thread.
 
     `save()` hands the state to the writer thread, which copies it into reusable CPU buffers
-    (the loop waits for that copy only at its next optimizer step: `wait_for_snapshot()`)
-    and then commits it. At most one save is in flight; a writer
+    (on the CPU each file whole, hashed as it is copied in: `snapshot.py`; the loop waits for
+    that copy only at its next optimizer step: `wait_for_snapshot()`) and then commits it.
+    At most one save is in flight; a writer
     error is raised by the next `save()`, `check()`, `wait_until_finished()` or `close()`.
     """
 
