@@ -18,7 +18,7 @@ class Sizes:
     save_layer_width: int  # width of the Linear layers that make up that state
     save_repeats: int  # interleaved (async, sync, raw write) rounds
     loop_cost_steps: int  # steps of one loop segment of async_loop_cost_ratio (equal with and without saves)
-    loop_cost_saves: int  # async saves in the segment with saves
+    loop_cost_saves: int  # async saves in the segment with saves, loop_cost_steps / loop_cost_saves apart
     loop_cost_repeats: int  # interleaved rounds; short segments, many rounds: a pair sees the same load
     loop_cost_batch: int  # rows of the batch that the Linear stack trains on
     every_step_checkpoints: int  # steps (one checkpoint each) of the run recover() is measured on
@@ -39,7 +39,7 @@ class Sizes:
 
 QUICK = Sizes(
     save_state_mib=64, save_layer_width=1024, save_repeats=15,
-    loop_cost_steps=10, loop_cost_saves=1, loop_cost_repeats=15, loop_cost_batch=32,
+    loop_cost_steps=24, loop_cost_saves=3, loop_cost_repeats=21, loop_cost_batch=32,
     every_step_checkpoints=40, recover_repeats=7,
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=50,
     loop_steps_per_epoch=100, loop_epochs=2, loop_repeats=7, checkpoint_every_steps=50,
@@ -47,7 +47,7 @@ QUICK = Sizes(
 )  # fmt: skip
 FULL = Sizes(
     save_state_mib=256, save_layer_width=1024, save_repeats=7,
-    loop_cost_steps=10, loop_cost_saves=1, loop_cost_repeats=21, loop_cost_batch=32,
+    loop_cost_steps=40, loop_cost_saves=4, loop_cost_repeats=21, loop_cost_batch=32,
     every_step_checkpoints=100, recover_repeats=11,
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=1000,
     loop_steps_per_epoch=250, loop_epochs=2, loop_repeats=5, checkpoint_every_steps=50,
@@ -55,7 +55,7 @@ FULL = Sizes(
 )  # fmt: skip
 SMOKE = Sizes(
     save_state_mib=1, save_layer_width=128, save_repeats=1,
-    loop_cost_steps=4, loop_cost_saves=1, loop_cost_repeats=1, loop_cost_batch=4,
+    loop_cost_steps=4, loop_cost_saves=2, loop_cost_repeats=1, loop_cost_batch=4,
     every_step_checkpoints=4, recover_repeats=1,
     scale_checkpoints=5, scale_runs=3, scale_checkpoints_per_run=2,
     loop_steps_per_epoch=3, loop_epochs=1, loop_repeats=1, checkpoint_every_steps=2,

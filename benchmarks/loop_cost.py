@@ -54,7 +54,11 @@ def bench_async_loop(
     workdir: Path, state_mib: float, width: int, steps: int, saves: int, repeats: int, batch_rows: int
 ) -> dict[str, dict[str, Any]]:
     """async_loop_cost_ratio and save_resident_ratio: the same loop (equal step counts) without saves,
-    with async saves, and with async saves that release their buffers, plus a sync save, interleaved."""
+    with async saves, and with async saves that release their buffers, plus a sync save, interleaved.
+
+    A round's `steps` are cut into `saves` pieces of `every` steps per kind, run in rotating order
+    (a piece without saves, one with one async save, one with one save that releases its buffers),
+    so that the two sides of a pair run a fraction of a second apart, under the same load."""
     model, optimizer = build_state(state_mib, width)
     n_bytes = state_bytes(model, optimizer)
     batch = torch.randn(batch_rows, width)
@@ -69,26 +73,38 @@ def bench_async_loop(
         save_once(manager, 0, model, optimizer)
         manager.wait_until_finished()
     rounds: list[dict[str, float]] = []
+    per_save: list[float] = []
+    cpu_per_save: list[tuple[float, float]] = []  # (the loop thread's CPU, the whole process's CPU)
     resident = managers["with_saves"]._buffers.resident_bytes()
     step = 1
+    kinds = ["without", "with_saves", "released"]
     for r in range(repeats):
-        got: dict[str, float] = {}
-        order = ["without", "with_saves", "released", "sync"]
-        for kind in order[r % 4 :] + order[: r % 4]:
-            step += 1  # every run saves under steps of its own: a verified checkpoint is never replaced
-            if kind == "sync":
+        got = dict.fromkeys(kinds, 0.0)
+        for piece in range(saves + 1):
+            if piece == r % (saves + 1):  # the sync save at a rotating place in the round
+                step += 1
                 got["sync"] = timed_sync_save(managers["sync"], step, model, optimizer)
-            elif kind == "without":
-                got["without"] = train_steps(model, optimizer, batch, steps)
-            else:
-                got[kind] = train_steps(model, optimizer, batch, steps, managers[kind], every, step * 1000, saves)
-            if kind in managers:
-                prune_old_checkpoints(managers[kind])
+                prune_old_checkpoints(managers["sync"])
+            if piece == saves:
+                break
+            seconds, cpu = {}, {}
+            for kind in kinds[(r + piece) % 3 :] + kinds[: (r + piece) % 3]:
+                step += 1  # every save under a step of its own: a verified checkpoint is never replaced
+                manager = managers.get(kind)
+                thread_cpu, process_cpu = time.thread_time(), time.process_time()
+                seconds[kind] = train_steps(model, optimizer, batch, every, manager, every, step * 1000, 1)
+                cpu[kind] = (time.thread_time() - thread_cpu, time.process_time() - process_cpu)
+                if manager is not None:
+                    prune_old_checkpoints(manager)
+                got[kind] += seconds[kind]
+            per_save.append(seconds["with_saves"] - seconds["without"])
+            cpu_per_save.append((cpu["with_saves"][0] - cpu["without"][0], cpu["with_saves"][1] - cpu["without"][1]))
         rounds.append(got)
     released_resident = managers["released"]._buffers.resident_bytes()
     for manager in managers.values():
         manager.close()
-    return _loop_cost_entries(rounds, saves, steps, every, n_bytes, resident, released_resident, repeats)
+    return _loop_cost_entries(rounds, saves, every * saves, every, n_bytes, resident, released_resident, repeats,
+                              per_save, cpu_per_save)  # fmt: skip
 
 
 def _loop_cost_entries(
@@ -100,6 +116,8 @@ def _loop_cost_entries(
     resident: int,
     released_resident: int,
     repeats: int,
+    per_save: list[float],
+    cpu_per_save: list[tuple[float, float]],
 ) -> dict[str, dict[str, Any]]:
     def lost_per_save(kind: str) -> list[float]:
         return [(r[kind] - r["without"]) / n_saves for r in rounds]
@@ -120,11 +138,24 @@ def _loop_cost_entries(
             loop_seconds_without_saves=median(r["without"] for r in rounds),
             loop_seconds_with_saves=median(r["with_saves"] for r in rounds),
             lost_per_save_samples=lost_per_save("with_saves"),
+            windowed_seconds_lost_per_save=median(per_save),
+            windowed_seconds_lost_per_save_min=min(per_save),
+            windowed_seconds_lost_per_save_max=max(per_save),
+            windowed_loop_cost_ratio=median(per_save) / sync,
+            loop_thread_cpu_seconds_lost_per_save=median(c[0] for c in cpu_per_save),
+            process_cpu_seconds_per_save=median(c[1] for c in cpu_per_save),
             **common,
             method="per round: (loop seconds with async saves - the same loop without, equal step counts) / saves "
             "/ a sync save's seconds in that round. The loop: forward, backward, wait_for_snapshot, AdamW step "
-            "over the saved Linear stack; the wait for the last save to finish is inside the timed loop, so "
-            "the stall, the writer thread's CPU and GIL taken from the following steps all count",
+            "over the saved Linear stack. A round's steps run in pieces of save_every_steps, rotating: a piece "
+            "without saves, the same piece with one async save (after its first step; the wait for it to finish "
+            "inside the piece, so the stall and the writer thread's CPU and GIL taken from the following steps "
+            "all count), the same with release_buffers; the sync save at a rotating place. windowed_*: a "
+            "cross-check, not the verdict: per save, its piece less the piece without saves beside it, median "
+            "over every save of every round. loop_thread_cpu_seconds_lost_per_save and "
+            "process_cpu_seconds_per_save: the same difference in CPU seconds of the loop's thread (memory "
+            "bandwidth and cache the writer takes from it; not the time other programs take) and of the whole "
+            "process (the writer thread's CPU included): figures that load elsewhere on the machine barely moves",
         ),  # fmt: skip
         "save_resident_ratio": entry(
             [resident / n_bytes],

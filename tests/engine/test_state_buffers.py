@@ -14,6 +14,7 @@ from utils.training.engine.checkpoint import (
     copies_non_blocking,
     load_checkpoint,
 )
+from utils.training.engine.snapshot import PAGE_BYTES
 
 
 def _two_saves_hold_their_own_tensors(run_dir: Path, device: str, *, async_save: bool) -> None:
@@ -84,5 +85,8 @@ def test_release_buffers_frees_the_host_copy_between_saves(tmp_path: Path, relea
             manager.save(step, model_state=weights, training_state={}, trainer_state={"step": step})
             manager.wait_until_finished()
             held = manager._buffers.resident_bytes()
-            assert held == (0 if release_buffers else 256 * 256 * 4)
+            if release_buffers:
+                assert held == 0
+            else:  # the tensor bytes, each file's header page and its last page's rounding
+                assert 256 * 256 * 4 < held <= 256 * 256 * 4 + 4 * PAGE_BYTES
             assert torch.equal(load_checkpoint(tmp_path / f"step-{step:06d}").model_state["w"], weights["w"])

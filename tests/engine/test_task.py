@@ -17,7 +17,13 @@ from torch import nn
 from torch.utils.data import IterableDataset, TensorDataset
 
 from utils.training import Task, TrainingConfig
-from utils.training.engine.checkpoint import CheckpointManager, StateBuffers, list_checkpoints, load_checkpoint
+from utils.training.engine.checkpoint import (
+    MODEL_FILE,
+    CheckpointManager,
+    StateBuffers,
+    list_checkpoints,
+    load_checkpoint,
+)
 from utils.training.engine.metrics_log import METRICS_FILE, STEPS_FILE, read_metrics_log, read_steps_log
 from utils.training.engine.task import TaskError, move_to_device, split_loss_output
 from utils.training.engine.trainer import Trainer
@@ -219,10 +225,10 @@ def test_an_async_save_keeps_batchnorm_statistics_of_the_moment_it_was_called(tm
     class SlowBuffers(StateBuffers):
         """A writer thread that takes its copy late (a busy machine): it waits for the test."""
 
-        def snapshot(self, obj: Any, path: tuple = (), *, copy_cpu: bool = True) -> Any:
-            if path == ("model",):
+        def fill_file(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Any:
+            if name == MODEL_FILE:
                 release.wait(30)
-            return super().snapshot(obj, path, copy_cpu=copy_cpu)
+            return super().fill_file(name, tensors, metadata)
 
     with CheckpointManager(tmp_path, keep_last=0, keep_best=0, monitor_metric="val/loss", monitor_mode="min",
                            async_save=True) as manager:  # fmt: skip

@@ -9,10 +9,9 @@ and `MANIFEST.json`, committed by the protocol in `commit.py`.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +52,20 @@ from .serialization import (
     MODEL_FILE,
     STATE_FILE,
     encode_training_state,
+    model_metadata,
     read_model_file,
     read_training_state,
     split_tied,
+    training_state_metadata,
     write_safetensors,
     write_training_state,
+)
+from .snapshot import (  # noqa: F401 - StateBuffers and copies_non_blocking re-exported
+    FilledFile,
+    FilledFileWriter,
+    StateBuffers,
+    copies_non_blocking,
+    fillable,
 )
 from .trainer_state import TRAINER_FILE, read_trainer_state
 
@@ -65,54 +73,6 @@ log = logging.getLogger(__name__)
 
 
 # -- serialisation ------------------------------------------------------------------------
-class StateBuffers:
-    """CPU copies of the state, allocated once and reused by every save (pinned on CUDA so
-    that the device-to-host copies of an async save are asynchronous)."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[tuple, torch.Tensor] = {}
-
-    def snapshot(self, obj: Any, path: tuple = (), *, copy_cpu: bool = True) -> Any:
-        """`obj` with every tensor replaced by its CPU buffer.
-
-        copy_cpu=True (an async save): every tensor is copied; device-to-host copies are queued
-        non-blocking, and the caller records an event and waits on it before writing.
-        copy_cpu=False (a sync save: nothing runs while it writes): CPU tensors are written from
-        where they are, and device tensors are copied *blocking*, so the buffers hold this step's
-        values when this returns (a reused buffer would otherwise still hold the last save's)."""
-        if isinstance(obj, torch.Tensor):
-            src = obj.detach()
-            if not copy_cpu and src.device.type == "cpu":
-                return src
-            buf = self._buffers.get(path)
-            if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                pin = src.is_cuda and torch.cuda.is_available()
-                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
-                self._buffers[path] = buf
-            buf.copy_(src, non_blocking=copies_non_blocking(src, copy_cpu=copy_cpu))
-            return buf
-        if isinstance(obj, dict):
-            return {k: self.snapshot(v, (*path, k), copy_cpu=copy_cpu) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            items = [self.snapshot(v, (*path, i), copy_cpu=copy_cpu) for i, v in enumerate(obj)]
-            return items if isinstance(obj, list) else tuple(items)
-        return obj
-
-    def resident_bytes(self) -> int:
-        """Host memory these buffers hold between saves."""
-        return sum(b.numel() * b.element_size() for b in self._buffers.values())
-
-    def release(self) -> None:
-        """Free every buffer (the next save allocates them again: its cost is that first touch)."""
-        self._buffers = {}
-
-
-def copies_non_blocking(src: torch.Tensor, *, copy_cpu: bool) -> bool:
-    """Only an async save (copy_cpu=True), which waits on an event before writing, may queue a
-    device-to-host copy without waiting for it; a sync save writes right after the copy."""
-    return src.device.type != "cpu" and copy_cpu
-
-
 @dataclass
 class Snapshot:
     step: int
@@ -121,6 +81,9 @@ class Snapshot:
     training_state: dict[str, Any]
     trainer_state_json: bytes  # encoded when save() is called: the loop may change the dict after
     manifest_fields: dict[str, Any]
+    # Files built whole in host memory, hashed while the state was copied in (an async save on
+    # the CPU): written as they are instead of from model_state / training_state.
+    filled: dict[str, FilledFile] = field(default_factory=dict)
 
 
 class _BackgroundClose:
@@ -155,22 +118,10 @@ def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
     try:
         tmp = new_temp_dir(run_dir, final.name)
         files: dict[str, dict[str, Any]] = {}
-        writer = HashingWriter(tmp / MODEL_FILE)
-        try:
-            write_safetensors(writer, snap.model_state, {"aliases": json.dumps(snap.aliases), "step": str(snap.step)})
-        except BaseException:
-            writer.abort()
-            raise
+        writer = _write_model_file(tmp, snap)
         model_closed = _BackgroundClose(writer)  # its fsync overlaps the writing of the training state
         try:
-            encoded = encode_training_state(snap.training_state)
-            state_file = STATE_FILE if encoded is not None else LEGACY_STATE_FILE
-            writer = HashingWriter(tmp / state_file)
-            try:
-                write_training_state(writer, snap.training_state, encoded)
-            except BaseException:
-                writer.abort()
-                raise
+            state_file, writer = _write_state_file(tmp, snap)
             files[state_file] = writer.close()
         finally:
             files[MODEL_FILE] = model_closed.result()
@@ -190,6 +141,70 @@ def write_checkpoint(run_dir: Path, snap: Snapshot) -> Path:
         if tmp is not None:
             remove_tree(tmp)
         raise
+
+
+def filled_snapshot(
+    buffers: StateBuffers,
+    step: int,
+    unique: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    training_state: dict[str, Any],
+    trainer_json: bytes,
+    fields: dict[str, Any],
+) -> Snapshot:
+    """An async save's snapshot on the CPU: each file whose tensors are all plain CPU tensors is
+    built whole in `buffers`, hashed while the tensors are copied in (StateBuffers.fill_file); a
+    file that cannot be (a state that needs torch.save) is copied tensor by tensor, as on CUDA."""
+    filled: dict[str, FilledFile] = {}
+    model_state: dict[str, torch.Tensor] = {}
+    if fillable(unique):
+        filled[MODEL_FILE] = buffers.fill_file(MODEL_FILE, unique, model_metadata(aliases, step))
+    else:
+        model_state = buffers.snapshot(unique, ("model",))
+    state: dict[str, Any] = {}
+    encoded = encode_training_state(training_state)
+    if encoded is not None and fillable(encoded[0]):
+        filled[STATE_FILE] = buffers.fill_file(STATE_FILE, encoded[0], training_state_metadata(encoded[1]))
+    else:
+        state = buffers.snapshot(training_state, ("training",))
+    return Snapshot(step, model_state, aliases, state, trainer_json, fields, filled)
+
+
+def _write_model_file(tmp: Path, snap: Snapshot) -> HashingWriter | FilledFileWriter:
+    """Write the weights file (not yet fsynced: the returned writer's close() does it)."""
+    filled = snap.filled.get(MODEL_FILE)
+    writer = HashingWriter(tmp / MODEL_FILE) if filled is None else FilledFileWriter(tmp / MODEL_FILE, filled)
+    try:
+        if isinstance(writer, FilledFileWriter):
+            writer.write_all()
+        else:
+            write_safetensors(writer, snap.model_state, model_metadata(snap.aliases, snap.step))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer
+
+
+def _write_state_file(tmp: Path, snap: Snapshot) -> tuple[str, HashingWriter | FilledFileWriter]:
+    """Write the training-state file; returns its name and its writer, not yet closed."""
+    filled = snap.filled.get(STATE_FILE)
+    if filled is not None:
+        writer: HashingWriter | FilledFileWriter = FilledFileWriter(tmp / STATE_FILE, filled)
+        try:
+            writer.write_all()
+        except BaseException:
+            writer.abort()
+            raise
+        return STATE_FILE, writer
+    encoded = encode_training_state(snap.training_state)
+    state_file = STATE_FILE if encoded is not None else LEGACY_STATE_FILE
+    writer = HashingWriter(tmp / state_file)
+    try:
+        write_training_state(writer, snap.training_state, encoded)
+    except BaseException:
+        writer.abort()
+        raise
+    return state_file, writer
 
 
 @dataclass
@@ -241,8 +256,9 @@ class CheckpointManager:
     """Saves checkpoints for one run, synchronously or in a background thread.
 
     `save()` hands the state to the writer thread, which copies it into reusable CPU buffers
-    (the loop waits for that copy only at its next optimizer step: `wait_for_snapshot()`)
-    and then commits it. At most one save is in flight; a writer
+    (on the CPU each file whole, hashed as it is copied in: `snapshot.py`; the loop waits for
+    that copy only at its next optimizer step: `wait_for_snapshot()`) and then commits it.
+    At most one save is in flight; a writer
     error is raised by the next `save()`, `check()`, `wait_until_finished()` or `close()`.
     """
 
@@ -337,6 +353,11 @@ class CheckpointManager:
             def take_snapshot() -> Snapshot:
                 copied.synchronize()
                 return snap
+
+        else:
+
+            def take_snapshot() -> Snapshot:  # on the CPU: files built whole, hashed as they are copied in
+                return filled_snapshot(self._buffers, step, unique, aliases, training_state, trainer_json, fields)
 
         self._thread = threading.Thread(
             target=self._snapshot_and_commit, args=(take_snapshot,), name="checkpoint-writer", daemon=True

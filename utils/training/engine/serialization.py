@@ -35,6 +35,17 @@ _DTYPES = {
 def write_safetensors(writer: HashingWriter, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     """Stream tensors in the safetensors layout (8-byte header length, JSON header, raw
     little-endian data) straight into the hashing writer: one pass, no full-file copy."""
+    writer.write(safetensors_header(tensors, metadata))
+    for t in tensors.values():
+        if t.numel():
+            writer.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def safetensors_header(tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, data_align: int = 8) -> bytes:
+    """The bytes before the data of a safetensors file: the header's length (8 bytes, little-endian)
+    and its JSON, padded with spaces (the format allows it) so that the data starts at a multiple of
+    `data_align` (8, or a page for a file written with O_DIRECT). Raises TypeError for a dtype
+    safetensors cannot store."""
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for name, t in tensors.items():
@@ -45,10 +56,13 @@ def write_safetensors(writer: HashingWriter, tensors: dict[str, torch.Tensor], m
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    writer.write(struct.pack("<Q", len(raw)) + raw)
-    for t in tensors.values():
-        if t.numel():
-            writer.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+    raw += b" " * (-(8 + len(raw)) % data_align)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def storable(t: torch.Tensor) -> bool:
+    """Whether safetensors can store `t` as it is (a dense tensor of one of its dtypes)."""
+    return t.dtype in _DTYPES and t.layout == torch.strided and not t.is_sparse
 
 
 def split_tied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -100,7 +114,17 @@ def write_training_state(
         _torch_save(state, writer)
         return
     tensors, structure = encoded
-    write_safetensors(writer, tensors, {"format": STATE_FORMAT, STRUCTURE_KEY: structure})
+    write_safetensors(writer, tensors, training_state_metadata(structure))
+
+
+def training_state_metadata(structure: str) -> dict[str, str]:
+    """The safetensors metadata of a training-state file: its format and the JSON structure."""
+    return {"format": STATE_FORMAT, STRUCTURE_KEY: structure}
+
+
+def model_metadata(aliases: dict[str, str], step: int) -> dict[str, str]:
+    """The safetensors metadata of a weights file: the tied names it stores once, and its step."""
+    return {"aliases": json.dumps(aliases), "step": str(step)}
 
 
 def _torch_save(state: dict[str, Any], writer: HashingWriter) -> None:
