@@ -92,9 +92,11 @@ def _step_names(run_dir: Path) -> list[tuple[int, str]]:
 def list_leftovers(run_dir: Path) -> list[Path]:
     """Temp folders of saves that never finished, and trash of interrupted deletes."""
     try:
-        return sorted(p for p in Path(run_dir).iterdir() if p.name.startswith((TEMP_PREFIX, TRASH_PREFIX)))
+        with os.scandir(run_dir) as listing:
+            names = [entry.name for entry in listing if entry.name.startswith((TEMP_PREFIX, TRASH_PREFIX))]
     except OSError:
         return []
+    return sorted(Path(run_dir) / name for name in names)
 
 
 @dataclass(frozen=True)
