@@ -258,8 +258,8 @@ def recover(
                 continue
             entries, passed_over = outcome
             skipped += [s for s in passed_over if Path(s["path"]) != named_checkpoint]
-            newest_first = (e.path for e in entries)  # paths made one at a time: usually only the first is tried
-            for checkpoint in itertools.chain(tried, (p for p in newest_first if p != named_checkpoint)):
+            newest_first = (e.path for e in entries if e.path != named_checkpoint)  # lazily: usually one is tried
+            for checkpoint in itertools.chain(tried, newest_first):
                 try:
                     manifest = cheap_check(checkpoint)
                     results = build_results(run_dir, checkpoint=checkpoint, recovered=True, skipped=skipped,
