@@ -173,38 +173,31 @@ def filled_snapshot(
 def _write_model_file(tmp: Path, snap: Snapshot) -> HashingWriter | FilledFileWriter:
     """Write the weights file (not yet fsynced: the returned writer's close() does it)."""
     filled = snap.filled.get(MODEL_FILE)
-    writer = HashingWriter(tmp / MODEL_FILE) if filled is None else FilledFileWriter(tmp / MODEL_FILE, filled)
-    try:
-        if isinstance(writer, FilledFileWriter):
-            writer.write_all()
-        else:
-            write_safetensors(writer, snap.model_state, model_metadata(snap.aliases, snap.step))
-    except BaseException:
-        writer.abort()
-        raise
-    return writer
+    if filled is not None:
+        return _written(FilledFileWriter(tmp / MODEL_FILE, filled), FilledFileWriter.write_all)
+    metadata = model_metadata(snap.aliases, snap.step)
+    return _written(HashingWriter(tmp / MODEL_FILE), lambda w: write_safetensors(w, snap.model_state, metadata))
 
 
 def _write_state_file(tmp: Path, snap: Snapshot) -> tuple[str, HashingWriter | FilledFileWriter]:
     """Write the training-state file; returns its name and its writer, not yet closed."""
     filled = snap.filled.get(STATE_FILE)
     if filled is not None:
-        writer: HashingWriter | FilledFileWriter = FilledFileWriter(tmp / STATE_FILE, filled)
-        try:
-            writer.write_all()
-        except BaseException:
-            writer.abort()
-            raise
-        return STATE_FILE, writer
+        return STATE_FILE, _written(FilledFileWriter(tmp / STATE_FILE, filled), FilledFileWriter.write_all)
     encoded = encode_training_state(snap.training_state)
     state_file = STATE_FILE if encoded is not None else LEGACY_STATE_FILE
     writer = HashingWriter(tmp / state_file)
+    return state_file, _written(writer, lambda w: write_training_state(w, snap.training_state, encoded))
+
+
+def _written(writer: Any, fill: Any) -> Any:
+    """`writer` after `fill(writer)`; on any failure the file is closed unfinished and the error raised."""
     try:
-        write_training_state(writer, snap.training_state, encoded)
+        fill(writer)
     except BaseException:
         writer.abort()
         raise
-    return state_file, writer
+    return writer
 
 
 @dataclass
