@@ -18,16 +18,13 @@ def fsync_tree(root: Path) -> None:
     """What a save that does not fsync would need to be durable: every file, every folder, the parent."""
     for folder, _, files in os.walk(root):
         for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-    _fsync_dir(root.parent)
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
+    _fsync(root.parent)
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: str | Path) -> None:
+    """fsync one file or folder."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -163,9 +160,5 @@ def timed_durable_save(adapter: Any, step: int) -> dict[str, float]:
 
 
 def fsync_tree_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    _fsync_dir(path.parent)
+    _fsync(path)
+    _fsync(path.parent)
