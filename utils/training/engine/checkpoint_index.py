@@ -228,10 +228,12 @@ def refresh_index(run_dir: Path) -> None:
         log.debug("checkpoint index of %s not refreshed: %s", run_dir, exc)
 
 
-def latest_valid_checkpoint(run_dir: Path, *, full: bool = True) -> tuple[Path | None, list[dict[str, str]]]:
+def latest_valid_checkpoint(
+    run_dir: Path, *, full: bool = True, refuse_newer: bool = False
+) -> tuple[Path | None, list[dict[str, str]]]:
     """Newest checkpoint that verifies (full hashes, or only the cheap check), and what was
-    passed over, each with its reason."""
-    entries, skipped = ranked_checkpoints(run_dir)
+    passed over, each with its reason (refuse_newer: as in ranked_checkpoints)."""
+    entries, skipped = ranked_checkpoints(run_dir, refuse_newer=refuse_newer)
     for entry in entries:
         try:
             if full:

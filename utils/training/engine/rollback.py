@@ -28,8 +28,8 @@ from typing import Any
 from .checkpoint_index import (
     CheckpointListingError,
     checkpoint_saved_at,
+    latest_valid_checkpoint,
     list_checkpoints,
-    ranked_checkpoints,
 )
 from .commit import (
     ABANDONED_DIR,
@@ -211,16 +211,9 @@ def set_aside_past(run_dir: Path, branch_step: int | None, names: list[str], rea
 
 # -- deciding where the run continues -------------------------------------------------------
 def _damaged_all(run_dir: Path) -> list[dict[str, str]]:
-    entries, skipped = ranked_checkpoints(run_dir)
-    damaged = list(skipped)
-    for entry in entries:
-        try:
-            verify_cached(entry.path)
-        except CheckpointCorrupt as exc:
-            damaged.append({"path": str(entry.path), "reason": exc.reason})
-        else:
-            return []  # one verifies
-    return damaged
+    """Every checkpoint with its reason when none verifies; [] when one does."""
+    newest, damaged = latest_valid_checkpoint(run_dir)
+    return [] if newest is not None else damaged
 
 
 def _step_and_time(path: Path) -> tuple[int, float]:
@@ -267,15 +260,9 @@ def _explicit(run_dir: Path, resume: str) -> ResumePlan:
 
 
 def _auto(run_dir: Path) -> ResumePlan:
-    entries, skipped = ranked_checkpoints(run_dir, refuse_newer=True)
-    damaged = list(skipped)
-    for entry in entries:
-        try:
-            verify_cached(entry.path)
-        except CheckpointCorrupt as exc:
-            damaged.append({"path": str(entry.path), "reason": exc.reason})
-            continue
-        plan = branch_from(run_dir, entry.path, "set aside by a resume that fell back past it")
+    newest, damaged = latest_valid_checkpoint(run_dir, refuse_newer=True)
+    if newest is not None:
+        plan = branch_from(run_dir, newest, "set aside by a resume that fell back past it")
         for item in damaged:
             name = Path(item["path"]).name
             if name in plan.reasons:
