@@ -19,6 +19,7 @@ from utils.training.engine.commit import (
     cheap_check,
     commit_dir,
     new_temp_dir,
+    read_capped,
     read_json,
     read_manifest,
     remove_tree,
@@ -256,3 +257,12 @@ def test_checks_return_the_manifest(tmp_path: Path):
     final = _commit(tmp_path, epoch=3)
     assert cheap_check(final) == verify(final) == read_manifest(final)
     assert verify(final)["epoch"] == 3
+
+
+@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 5000])
+def test_read_capped_reads_a_whole_file_or_one_byte_past_the_cap(tmp_path: Path, size: int):
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
+    with open(path, "rb") as f:
+        raw = read_capped(f, 1000)
+    assert raw == path.read_bytes()[:1001]  # a caller refuses anything longer than the cap

@@ -38,6 +38,7 @@ from .integrity import (  # noqa: F401 - the checking side lives there; re-expor
     hash_file,
     new_hasher,
     parse_json,
+    read_capped,
     read_json,
     read_manifest,
     read_small_file,

@@ -56,6 +56,7 @@ from .commit import (
     fsync_dir,
     hash_file,
     new_temp_dir,
+    read_capped,
     read_manifest,
     remove_tree,
     verify,
@@ -276,7 +277,7 @@ def read_dcp_metadata(path: Path) -> Metadata:
     """Read a DCP `.metadata` file through the restricted unpickler."""
     path = Path(path)
     with open(path, "rb") as f:
-        raw = f.read(MAX_JSON_BYTES + 1)
+        raw = read_capped(f, MAX_JSON_BYTES)
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointCorrupt(path, f"larger than {MAX_JSON_BYTES} bytes; not DCP metadata")
     try:

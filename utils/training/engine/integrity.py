@@ -122,6 +122,17 @@ def parse_json(path: Path, what: str, raw: bytes) -> Any:
         raise CheckpointCorrupt(path, f"{what} is not valid JSON ({type(exc).__name__})") from exc
 
 
+def read_capped(f: Any, cap: int) -> bytes:
+    """An open file's bytes, or its first cap + 1 when it is larger (so that the caller can refuse it).
+    Sized from fstat, not from the cap: a read of `cap` bytes would allocate that much up front
+    (64 MiB for a 3 KB manifest). A file that grew after the fstat is read on to the cap."""
+    size = os.fstat(f.fileno()).st_size
+    raw = f.read(min(size, cap) + 1)
+    if size < cap and len(raw) > size:  # it grew
+        raw += f.read(cap + 1 - len(raw))
+    return raw
+
+
 def read_small_file(path: Path, what: str) -> bytes:
     try:
         st = os.lstat(path)
@@ -137,7 +148,7 @@ def read_small_file(path: Path, what: str) -> bytes:
         raise CheckpointCorrupt(path, f"{what} is {st.st_size} bytes, larger than any this package writes")
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_JSON_BYTES + 1)
+            return read_capped(f, MAX_JSON_BYTES)
     except OSError as exc:
         raise CheckpointCorrupt(path, f"cannot read {what}: {exc.strerror}") from exc
 
@@ -148,6 +159,11 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def _safe_member(folder: Path, name: Any) -> Path:
+    _check_member_name(folder, name)
+    return folder.joinpath(*name.split("/"))
+
+
+def _check_member_name(folder: Path, name: Any) -> None:
     if not isinstance(name, str) or not name or name.startswith("/") or "\\" in name or "\x00" in name:
         raise CheckpointCorrupt(folder, f"manifest names an invalid file {name!r}")
     try:
@@ -157,7 +173,6 @@ def _safe_member(folder: Path, name: Any) -> Path:
     parts = name.split("/")
     if any(p in ("", ".", "..") for p in parts):
         raise CheckpointCorrupt(folder, f"manifest names a file outside the checkpoint: {name!r}")
-    return folder.joinpath(*parts)
 
 
 def read_manifest(folder: Path, manifest_name: str = MANIFEST_NAME) -> dict[str, Any]:
@@ -184,7 +199,7 @@ def read_manifest(folder: Path, manifest_name: str = MANIFEST_NAME) -> dict[str,
     if not isinstance(files, dict) or not files:
         raise CheckpointCorrupt(folder, "manifest lists no files")
     for name, entry in files.items():
-        _safe_member(folder, name)
+        _check_member_name(folder, name)
         if name in (MANIFEST_NAME, manifest_name):
             raise CheckpointCorrupt(folder, "manifest lists itself")
         if not isinstance(entry, dict):
@@ -203,8 +218,8 @@ def read_manifest(folder: Path, manifest_name: str = MANIFEST_NAME) -> dict[str,
     return manifest
 
 
-def _check_member_stat(folder: Path, name: str, entry: dict[str, Any]) -> Path:
-    path = _safe_member(folder, name)
+def _check_member_stat(folder: Path, name: str, entry: dict[str, Any]) -> None:
+    path = f"{folder}{os.sep}{name}"  # name checked by read_manifest; a string, not a Path: this runs per file
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -217,7 +232,6 @@ def _check_member_stat(folder: Path, name: str, entry: dict[str, Any]) -> Path:
         raise CheckpointCorrupt(
             path, f"{name} is {st.st_size} bytes, the manifest says {entry['size_bytes']} (truncated or partial)"
         )
-    return path
 
 
 DCP_DIR = "dcp"  # a distributed checkpoint's shards (dist_checkpoint.py)

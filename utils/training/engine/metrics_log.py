@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .commit import CheckpointCorrupt, fsync_dir
+from .commit import CheckpointCorrupt, fsync_dir, read_capped
 
 METRICS_FILE = "metrics.jsonl"
 STEPS_FILE = "steps.jsonl"
@@ -59,7 +59,7 @@ def read_log_bytes(path: Path, what: str) -> bytes:
     run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(MAX_METRICS_BYTES + 1)
+            raw = read_capped(f, MAX_METRICS_BYTES)
     except FileNotFoundError:
         return b""
     if len(raw) > MAX_METRICS_BYTES:
