@@ -3,6 +3,9 @@ buffers hold between saves (save_resident_ratio), with the cost of releasing the
 
 from __future__ import annotations
 
+import mmap
+import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -10,11 +13,14 @@ from typing import Any
 import torch
 
 from utils.training.engine.checkpoint import CheckpointManager
+from utils.training.engine.commit import remove_tree
+from utils.training.engine.snapshot import PAGE_BYTES, FilledFile, FilledFileWriter
 
 from .common import entry, median
 from .saving import (
     MIB,
     build_state,
+    checkpoint_payloads,
     new_manager,
     prune_old_checkpoints,
     save_once,
@@ -23,12 +29,58 @@ from .saving import (
 )
 
 
+class RawDiskWrites:
+    """The disk's own share of an async save, in the place of one: the same files' bytes, from
+    page-aligned buffers filled once, written by the async writer's own FilledFileWriter (O_DIRECT
+    where accepted, fsync each file) one file after the other, then the folders fsynced, in a thread
+    started where a save starts and joined where the loop waits for one. No copy of the state, no
+    hash, no manifest: the loop time it costs is what writing those bytes durably costs any saver."""
+
+    def __init__(self, folder: Path, payloads: dict[str, memoryview]) -> None:
+        self.run_dir = folder
+        folder.mkdir(parents=True)
+        self._images: dict[str, FilledFile] = {}
+        for name, payload in payloads.items():
+            image = mmap.mmap(-1, max(PAGE_BYTES, -(-len(payload) // PAGE_BYTES) * PAGE_BYTES))
+            image[: len(payload)] = payload
+            self._images[name] = FilledFile(data=memoryview(image)[: len(payload)], size_bytes=len(payload), hash="")
+        self._thread: threading.Thread | None = None
+
+    def save(self, step: int, **_: Any) -> None:
+        self._thread = threading.Thread(target=self._write, args=(self.run_dir / f"step-{step:06d}",))
+        self._thread.start()
+
+    def _write(self, target: Path) -> None:
+        target.mkdir()
+        for name, image in self._images.items():
+            writer = FilledFileWriter(target / name, image)
+            writer.write_all()
+            writer.close()
+        for folder in (target, self.run_dir):
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def wait_for_snapshot(self) -> None:
+        """Nothing to wait for: the bytes written are not the live state."""
+
+    def wait_until_finished(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def close(self) -> None:
+        self.wait_until_finished()
+        remove_tree(self.run_dir)
+
+
 def train_steps(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: torch.Tensor,
     steps: int,
-    manager: CheckpointManager | None = None,
+    manager: CheckpointManager | RawDiskWrites | None = None,
     save_every: int = 0,
     first_step: int = 0,
     saves: int = 0,
@@ -54,11 +106,13 @@ def bench_async_loop(
     workdir: Path, state_mib: float, width: int, steps: int, saves: int, repeats: int, batch_rows: int
 ) -> dict[str, dict[str, Any]]:
     """async_loop_cost_ratio and save_resident_ratio: the same loop (equal step counts) without saves,
-    with async saves, and with async saves that release their buffers, plus a sync save, interleaved.
+    with async saves, with async saves that release their buffers, and with the raw disk writing the
+    same bytes in the place of each save, plus a sync save, interleaved.
 
     A round's `steps` are cut into `saves` pieces of `every` steps per kind, run in rotating order
-    (a piece without saves, one with one async save, one with one save that releases its buffers),
-    so that the two sides of a pair run a fraction of a second apart, under the same load."""
+    (a piece without saves, one with one async save, one with one save that releases its buffers,
+    one with the raw disk writes), so that the sides of a pair run a fraction of a second apart,
+    under the same load."""
     model, optimizer = build_state(state_mib, width)
     n_bytes = state_bytes(model, optimizer)
     batch = torch.randn(batch_rows, width)
@@ -72,12 +126,14 @@ def bench_async_loop(
     for manager in managers.values():  # warm-up save each: buffers allocated, folders created
         save_once(manager, 0, model, optimizer)
         manager.wait_until_finished()
+    raw_disk = RawDiskWrites(workdir / "raw-disk", checkpoint_payloads(managers["sync"].last_saved_path))
     rounds: list[dict[str, float]] = []
     per_save: list[float] = []
     cpu_per_save: list[tuple[float, float]] = []  # (the loop thread's CPU, the whole process's CPU)
     resident = managers["with_saves"]._buffers.resident_bytes()
     step = 1
-    kinds = ["without", "with_saves", "released"]
+    kinds = ["without", "with_saves", "released", "raw_disk"]
+    savers: dict[str, CheckpointManager | RawDiskWrites] = {**managers, "raw_disk": raw_disk}
     for r in range(repeats):
         got = dict.fromkeys(kinds, 0.0)
         for piece in range(saves + 1):
@@ -88,9 +144,9 @@ def bench_async_loop(
             if piece == saves:
                 break
             seconds, cpu = {}, {}
-            for kind in kinds[(r + piece) % 3 :] + kinds[: (r + piece) % 3]:
+            for kind in kinds[(r + piece) % len(kinds) :] + kinds[: (r + piece) % len(kinds)]:
                 step += 1  # every save under a step of its own: a verified checkpoint is never replaced
-                manager = managers.get(kind)
+                manager = savers.get(kind)
                 thread_cpu, process_cpu = time.thread_time(), time.process_time()
                 seconds[kind] = train_steps(model, optimizer, batch, every, manager, every, step * 1000, 1)
                 cpu[kind] = (time.thread_time() - thread_cpu, time.process_time() - process_cpu)
@@ -101,7 +157,7 @@ def bench_async_loop(
             cpu_per_save.append((cpu["with_saves"][0] - cpu["without"][0], cpu["with_saves"][1] - cpu["without"][1]))
         rounds.append(got)
     released_resident = managers["released"]._buffers.resident_bytes()
-    for manager in managers.values():
+    for manager in (*managers.values(), raw_disk):
         manager.close()
     return _loop_cost_entries(rounds, saves, every * saves, every, n_bytes, resident, released_resident, repeats,
                               per_save, cpu_per_save)  # fmt: skip
@@ -142,6 +198,11 @@ def _loop_cost_entries(
             windowed_seconds_lost_per_save_min=min(per_save),
             windowed_seconds_lost_per_save_max=max(per_save),
             windowed_loop_cost_ratio=median(per_save) / sync,
+            raw_disk_loop_cost_ratio=median(ratios("raw_disk")),
+            raw_disk_seconds_lost_per_save=median(lost_per_save("raw_disk")),
+            beyond_raw_disk_loop_cost_ratio=median(
+                (r["with_saves"] - r["raw_disk"]) / n_saves / r["sync"] for r in rounds
+            ),
             loop_thread_cpu_seconds_lost_per_save=median(c[0] for c in cpu_per_save),
             process_cpu_seconds_per_save=median(c[1] for c in cpu_per_save),
             **common,
@@ -150,7 +211,10 @@ def _loop_cost_entries(
             "over the saved Linear stack. A round's steps run in pieces of save_every_steps, rotating: a piece "
             "without saves, the same piece with one async save (after its first step; the wait for it to finish "
             "inside the piece, so the stall and the writer thread's CPU and GIL taken from the following steps "
-            "all count), the same with release_buffers; the sync save at a rotating place. windowed_*: a "
+            "all count), the same with release_buffers, the same with RawDiskWrites in the place of the save (the "
+            "same bytes written as the async writer writes them, nothing copied or hashed: raw_disk_* is what the "
+            "disk itself costs the loop, beyond_raw_disk_* what the save adds to it); the sync save at a rotating "
+            "place. windowed_*: a "
             "cross-check, not the verdict: per save, its piece less the piece without saves beside it, median "
             "over every save of every round. loop_thread_cpu_seconds_lost_per_save and "
             "process_cpu_seconds_per_save: the same difference in CPU seconds of the loop's thread (memory "
