@@ -79,6 +79,16 @@ def test_ratios_are_made_of_the_raw_figures_beside_them(smoke: tuple[dict[str, A
     assert results["recover_vs_naive"]["checkpoints"] == SMOKE.every_step_checkpoints
     newest = results["recover_vs_load_newest"]
     assert newest["ratio"] == pytest.approx(newest["recover_seconds"] / newest["load_newest_seconds"], rel=1e-3)
+    assert newest["preset"] == SMOKE.load_newest_preset and newest["checkpoint_mib"] > 0
+    tiny = newest["tiny_run_recover_seconds"] / newest["tiny_run_load_newest_seconds"]
+    assert newest["tiny_run_ratio"] == pytest.approx(tiny, rel=1e-3)
+    assert newest["tiny_run_floor_ratio"] == pytest.approx(
+        newest["tiny_run_floor_seconds"] / newest["tiny_run_load_newest_seconds"], rel=1e-3
+    )
+    raw_lost = cost["raw_disk_seconds_lost_per_save"]
+    assert cost["raw_disk_loop_cost_ratio"] == pytest.approx(raw_lost / cost["sync_save_seconds"], rel=1e-3, abs=1e-9)
+    beyond = (cost["loop_seconds_lost_per_save"] - raw_lost) / cost["sync_save_seconds"]
+    assert cost["beyond_raw_disk_loop_cost_ratio"] == pytest.approx(beyond, rel=1e-3, abs=1e-9)
     resident = results["save_resident_ratio"]
     assert resident["resident_mib"] == pytest.approx(resident["ratio"] * resident["state_mib"], rel=1e-3)
     assert resident["released_resident_mib"] == 0
@@ -93,6 +103,21 @@ def test_a_ratio_past_its_physical_limit_is_not_met_and_fails_the_run() -> None:
     assert (flattering["ratio"], flattering["min"], flattering["max"]) == (2.2, 2.1, 2.3)
     assert flattering["met"] is False and flattering["beyond_physical_limit"] is True
     assert "physical limit" in flattering["note"]
+
+
+def test_minimal_reads_reads_what_recover_reads_and_fails_on_a_run_without_an_index(tmp_path: Path) -> None:
+    from benchmarks.recovery import OpenRecorder, minimal_reads, train_every_step_run
+    from utils.training.engine.recovery import recover
+
+    run_dir = train_every_step_run(tmp_path / "ws", 2)
+    with OpenRecorder() as floor:
+        minimal_reads(run_dir)
+    with OpenRecorder() as full:
+        recover(tmp_path / "ws", search_dirs=[])
+    assert sorted(floor.paths) == sorted(full.paths)  # the floor skips no read that recovery makes
+    (run_dir / INDEX_FILE).unlink()
+    with pytest.raises(FileNotFoundError):
+        minimal_reads(run_dir)
 
 
 def test_recover_opens_metadata_only(smoke: tuple[dict[str, Any], Path]) -> None:
