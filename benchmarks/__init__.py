@@ -47,7 +47,7 @@ def _group_runners(sizes: Sizes) -> dict[str, Callable[[Path], dict[str, Any]]]:
             d,
             sizes.every_step_checkpoints,
             sizes.recover_repeats,
-            sizes.load_newest_preset,
+            sizes.recover_larger_preset,
             (sizes.scale_checkpoints, sizes.scale_runs, sizes.scale_checkpoints_per_run),
         ),
         "loop": lambda d: bench_loop(

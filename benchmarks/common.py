@@ -23,7 +23,7 @@ class Sizes:
     loop_cost_batch: int  # rows of the batch that the Linear stack trains on
     every_step_checkpoints: int  # steps (one checkpoint each) of the run recover() is measured on
     recover_repeats: int
-    load_newest_preset: str  # the model preset of the run recover_vs_load_newest is measured on
+    recover_larger_preset: str  # a model of the size a user trains, measured beside recover_vs_load_newest
     scale_checkpoints: int  # checkpoints in the one-run tree
     scale_runs: int  # runs in the many-runs tree
     scale_checkpoints_per_run: int
@@ -41,7 +41,7 @@ class Sizes:
 QUICK = Sizes(
     save_state_mib=64, save_layer_width=1024, save_repeats=15,
     loop_cost_steps=24, loop_cost_saves=3, loop_cost_repeats=21, loop_cost_batch=32,
-    every_step_checkpoints=40, recover_repeats=7, load_newest_preset="base",
+    every_step_checkpoints=40, recover_repeats=7, recover_larger_preset="base",
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=50,
     loop_steps_per_epoch=100, loop_epochs=2, loop_repeats=7, checkpoint_every_steps=50,
     db_points=100_000, db_repeats=3,
@@ -49,7 +49,7 @@ QUICK = Sizes(
 FULL = Sizes(
     save_state_mib=256, save_layer_width=1024, save_repeats=7,
     loop_cost_steps=40, loop_cost_saves=4, loop_cost_repeats=21, loop_cost_batch=32,
-    every_step_checkpoints=100, recover_repeats=11, load_newest_preset="base",
+    every_step_checkpoints=100, recover_repeats=11, recover_larger_preset="base",
     scale_checkpoints=1000, scale_runs=20, scale_checkpoints_per_run=1000,
     loop_steps_per_epoch=250, loop_epochs=2, loop_repeats=5, checkpoint_every_steps=50,
     db_points=100_000, db_repeats=7,  # the targets are defined for a 100k-point run
@@ -57,7 +57,7 @@ FULL = Sizes(
 SMOKE = Sizes(
     save_state_mib=1, save_layer_width=128, save_repeats=1,
     loop_cost_steps=4, loop_cost_saves=2, loop_cost_repeats=1, loop_cost_batch=4,
-    every_step_checkpoints=4, recover_repeats=1, load_newest_preset="tiny",
+    every_step_checkpoints=4, recover_repeats=1, recover_larger_preset="tiny",
     scale_checkpoints=5, scale_runs=3, scale_checkpoints_per_run=2,
     loop_steps_per_epoch=3, loop_epochs=1, loop_repeats=1, checkpoint_every_steps=2,
     db_points=500, db_repeats=1,

@@ -166,18 +166,18 @@ def _interleaved(repeats: int, sides: dict[str, Any]) -> dict[str, list[float]]:
 
 
 def bench_recovery(
-    workdir: Path, checkpoints: int, repeats: int, load_newest_preset: str, scale: tuple[int, int, int]
+    workdir: Path, checkpoints: int, repeats: int, larger_preset: str, scale: tuple[int, int, int]
 ) -> dict[str, Any]:
     """recover_vs_naive, recover_vs_load_newest, recover_cold_vs_torch_import, recover_bytes_read
     and recover_at_scale."""
     workspace = workdir / "every-step"
     run_dir = train_every_step_run(workspace, checkpoints)
     found = list_checkpoints(run_dir)
-    # recover_vs_load_newest is judged on a model of the size a user trains (the base preset, the
-    # notebook's Colab GPU choice), one row per batch so that two CPU cores train it in seconds: the
-    # state, and so the checkpoint, is the preset's whatever the batch.
-    sized_ws = workdir / load_newest_preset
-    train_every_step_run(sized_ws, 2, load_newest_preset, batch_size=1, eval_batches=1)
+    # Beside the verdict (the tiny run), the same pair on a model of the size a user trains: one row
+    # per batch so that two CPU cores train it in seconds (the state, so the checkpoint, is the preset's).
+    larger_ws = workdir / larger_preset
+    larger_newest = list_checkpoints(train_every_step_run(larger_ws, 2, larger_preset, batch_size=1,
+                                                          eval_batches=1))[0][1]  # fmt: skip
 
     def do_recover(where: Path = workspace) -> dict[str, Any]:
         return recover(where, search_dirs=[])
@@ -186,28 +186,28 @@ def bench_recovery(
         for _, path in found:
             load_checkpoint(path)
 
-    def load_newest(where: Path = workspace) -> None:
-        """What recovery saves a user from: find the newest checkpoint and load it (verify + load)."""
-        load_checkpoint(list_checkpoints(next((where / "checkpoints").iterdir()))[0][1])
-
     # The same run without its index (as a copy by hand, or an older version, leaves it). Copied, not
     # hard-linked: a new link changes the ctime of the original manifests, which voids their index entries.
     unindexed = workdir / "unindexed"
     shutil.copytree(workspace, unindexed)
     (unindexed / run_dir.relative_to(workspace) / INDEX_FILE).unlink()
 
-    for warm in (do_recover, naive, lambda: do_recover(unindexed), lambda: do_recover(sized_ws),
-                 lambda: load_newest(sized_ws)):  # fmt: skip
-        warm()  # imports and directory caches on every side
-    times = _interleaved(repeats, {"recover": do_recover, "naive": naive, "newest": load_newest,
-                                   "unindexed": lambda: do_recover(unindexed), "floor": lambda: minimal_reads(run_dir),
-                                   "sized_recover": lambda: do_recover(sized_ws),
-                                   "sized_newest": lambda: load_newest(sized_ws)})  # fmt: skip
+    sides = {
+        "recover": do_recover,
+        "naive": naive,
+        "newest": lambda: load_checkpoint(found[0][1]),
+        "unindexed": lambda: do_recover(unindexed),
+        "floor": lambda: minimal_reads(run_dir),
+        "larger_recover": lambda: do_recover(larger_ws),
+        "larger_newest": lambda: load_checkpoint(larger_newest),
+    }
+    for warm in sides.values():  # imports and directory caches on every side
+        warm()
+    times = _interleaved(repeats, sides)
     with OpenRecorder() as opened:
         results = do_recover()
     cold = cold_recover_rounds(workspace, repeats)
     on_disk = folder_bytes(run_dir)
-    sized_newest = list_checkpoints(next((sized_ws / "checkpoints").iterdir()))[0][1]
     rec, nai, newest = (median(times[k]) for k in ("recover", "naive", "newest"))
     pairs = list(zip(times["recover"], times["naive"], times["newest"], strict=True))
     entries = {
@@ -225,31 +225,33 @@ def bench_recovery(
             "earlier versions; it flatters recovery: recover_vs_load_newest is the honest comparison",
         ),  # fmt: skip
         "recover_vs_load_newest": entry(
-            [r / w for r, w in zip(times["sized_recover"], times["sized_newest"], strict=True)],
+            [r / w for r, _, w in pairs],
             "<=",
             0.05,
-            preset=load_newest_preset,
-            checkpoint_mib=folder_bytes(sized_newest) / MIB,
-            recover_seconds=median(times["sized_recover"]),
-            load_newest_seconds=median(times["sized_newest"]),
-            tiny_run_ratio=median(r / w for r, _, w in pairs),
-            tiny_run_checkpoint_mib=folder_bytes(found[0][1]) / MIB,
-            tiny_run_checkpoints=len(found),
-            tiny_run_recover_seconds=rec,
-            tiny_run_load_newest_seconds=newest,
-            tiny_run_floor_seconds=median(times["floor"]),
-            tiny_run_floor_ratio=median(f / w for f, w in zip(times["floor"], times["newest"], strict=True)),
-            tiny_run_recover_without_index_seconds=median(times["unindexed"]),
+            recover_seconds=rec,
+            load_newest_seconds=newest,
+            recover_without_index_seconds=median(times["unindexed"]),
+            checkpoints=len(found),
+            checkpoint_mib=folder_bytes(found[0][1]) / MIB,
+            recover_samples=times["recover"],
+            load_newest_samples=times["newest"],
+            floor_seconds=median(times["floor"]),
+            floor_ratio=median(f / w for f, w in zip(times["floor"], times["newest"], strict=True)),
+            larger_preset=larger_preset,
+            larger_checkpoint_mib=folder_bytes(larger_newest) / MIB,
+            larger_recover_seconds=median(times["larger_recover"]),
+            larger_load_newest_seconds=median(times["larger_newest"]),
+            larger_ratio=median(r / w for r, w in zip(times["larger_recover"], times["larger_newest"], strict=True)),
             repeats=repeats,
-            method=f"per round: recover(workspace, search_dirs=[]) / finding and loading the newest checkpoint "
-            f"(list_checkpoints, then load_checkpoint: hash check + load) of the same run: a real {load_newest_preset}-"
-            "preset run (the size of model a user trains; one row per batch, which leaves the state as it is), "
-            "two checkpoints. Interleaved in rotating order with the same pair on the tiny-preset run of "
-            "recover_vs_naive (tiny_run_*; its 1.4 MiB checkpoint loads in a few ms, so there the ratio is fixed "
-            "costs against fixed costs) and with tiny_run_floor_seconds: benchmarks.recovery.minimal_reads, the "
-            "reads no exact recovery can skip, done straight (tiny_run_floor_ratio above 0.05 means that no "
-            "implementation meets the target on that run); page cache warm on every side. "
-            "tiny_run_recover_without_index_seconds: a copy of the tiny run without its index (every manifest read)",
+            method="per round: recover(workspace, search_dirs=[]) (ranks the checkpoints through the run's "
+            "index, cheap-checks the newest, reads its metadata and the run's logs) / load_checkpoint() of the "
+            "newest checkpoint once (hash check + load), on the tiny-preset run of recover_vs_naive; interleaved "
+            "in rotating order, page cache warm on every side. floor_seconds: benchmarks.recovery.minimal_reads "
+            "on the same run, the reads no exact recovery can skip, done straight (it opens the files recover() "
+            "opens); floor_ratio above the target means no implementation meets it on this run. larger_*: the "
+            "same pair on a real run of the larger_preset (the size of model a user trains; one row per batch, "
+            "which leaves the checkpoint as it is), beside the verdict, not in it. recover_without_index_seconds: "
+            "a copy of the tiny run without its index (every manifest read)",
         ),  # fmt: skip
         "recover_cold_vs_torch_import": cold,
         "recover_bytes_read": entry(
