@@ -3,8 +3,6 @@ buffers hold between saves (save_resident_ratio), with the cost of releasing the
 
 from __future__ import annotations
 
-import mmap
-import os
 import threading
 import time
 from pathlib import Path
@@ -13,8 +11,9 @@ from typing import Any
 import torch
 
 from utils.training.engine.checkpoint import CheckpointManager
-from utils.training.engine.commit import remove_tree
-from utils.training.engine.snapshot import PAGE_BYTES, FilledFile, FilledFileWriter
+from utils.training.engine.checkpoint_index import step_dir_name
+from utils.training.engine.commit import fsync_dir, remove_tree
+from utils.training.engine.snapshot import FilledFile, FilledFileWriter, page_aligned_buffer
 
 from .common import entry, median
 from .saving import (
@@ -41,13 +40,13 @@ class RawDiskWrites:
         folder.mkdir(parents=True)
         self._images: dict[str, FilledFile] = {}
         for name, payload in payloads.items():
-            image = mmap.mmap(-1, max(PAGE_BYTES, -(-len(payload) // PAGE_BYTES) * PAGE_BYTES))
+            image = page_aligned_buffer(len(payload))
             image[: len(payload)] = payload
             self._images[name] = FilledFile(data=memoryview(image)[: len(payload)], size_bytes=len(payload), hash="")
         self._thread: threading.Thread | None = None
 
     def save(self, step: int, **_: Any) -> None:
-        self._thread = threading.Thread(target=self._write, args=(self.run_dir / f"step-{step:06d}",))
+        self._thread = threading.Thread(target=self._write, args=(self.run_dir / step_dir_name(step),))
         self._thread.start()
 
     def _write(self, target: Path) -> None:
@@ -56,12 +55,8 @@ class RawDiskWrites:
             writer = FilledFileWriter(target / name, image)
             writer.write_all()
             writer.close()
-        for folder in (target, self.run_dir):
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        fsync_dir(target)
+        fsync_dir(self.run_dir)
 
     def wait_for_snapshot(self) -> None:
         """Nothing to wait for: the bytes written are not the live state."""

@@ -80,7 +80,7 @@ class StateBuffers:
         size = len(header) + sum(t.numel() * t.element_size() for t in tensors.values())
         image = self._images.get(name)
         if image is None or len(image) < size:
-            image = self._images[name] = mmap.mmap(-1, max(PAGE_BYTES, -(-size // PAGE_BYTES) * PAGE_BYTES))
+            image = self._images[name] = page_aligned_buffer(size)
         out = numpy.frombuffer(image, dtype=numpy.uint8, count=size)
         hasher = new_hasher()
         out[: len(header)] = numpy.frombuffer(header, dtype=numpy.uint8)
@@ -105,6 +105,11 @@ class StateBuffers:
         """Free every buffer (the next save allocates them again: its cost is that first touch)."""
         self._buffers = {}
         self._images = {}
+
+
+def page_aligned_buffer(size: int) -> mmap.mmap:
+    """Anonymous memory of at least `size` bytes (whole pages), page-aligned as O_DIRECT needs."""
+    return mmap.mmap(-1, max(PAGE_BYTES, -(-size // PAGE_BYTES) * PAGE_BYTES))
 
 
 def fillable(tensors: dict[str, torch.Tensor]) -> bool:
