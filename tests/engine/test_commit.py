@@ -263,6 +263,22 @@ def test_checks_return_the_manifest(tmp_path: Path):
 def test_read_capped_reads_a_whole_file_or_one_byte_past_the_cap(tmp_path: Path, size: int):
     path = tmp_path / "f"
     path.write_bytes(bytes(range(256)) * (size // 256) + bytes(size % 256))
-    with open(path, "rb") as f:
-        raw = read_capped(f, 1000)
+    raw = read_capped(path, 1000)
     assert raw == path.read_bytes()[:1001]  # a caller refuses anything longer than the cap
+
+
+@pytest.mark.parametrize("size", [0, 10, 999, 1000, 5000])
+def test_read_capped_reads_on_past_a_stale_size(tmp_path: Path, size: int):
+    """A file that grew after the caller's stat is read to its end (or one byte past the cap)."""
+    path = tmp_path / "f"
+    path.write_bytes(bytes(range(256)) * 8)  # 2048 bytes, more than the size the caller saw
+    assert read_capped(path, 1000, size=size) == path.read_bytes()[:1001]
+    assert read_capped(path, 4096, size=size) == path.read_bytes()
+
+
+def test_read_capped_nofollow_refuses_a_symlink(tmp_path: Path):
+    (tmp_path / "real").write_bytes(b"{}")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert read_capped(tmp_path / "link", 1000) == b"{}"
+    with pytest.raises(OSError):
+        read_capped(tmp_path / "link", 1000, nofollow=True)

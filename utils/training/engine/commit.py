@@ -145,6 +145,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def subfolders(path: Path) -> list[Path]:
+    """The real folders in `path` (symlinks and hidden names left out), in listing order; none
+    when it cannot be listed. From the listing's entry types: no stat per entry."""
+    try:
+        with os.scandir(path) as listing:
+            return [
+                Path(entry.path)
+                for entry in listing
+                if not entry.name.startswith(".") and entry.is_dir(follow_symlinks=False)
+            ]
+    except OSError:
+        return []
+
+
 def encode_json(data: Any) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True, allow_nan=True).encode("utf-8")
 

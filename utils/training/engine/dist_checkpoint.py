@@ -276,8 +276,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 def read_dcp_metadata(path: Path) -> Metadata:
     """Read a DCP `.metadata` file through the restricted unpickler."""
     path = Path(path)
-    with open(path, "rb") as f:
-        raw = read_capped(f, MAX_JSON_BYTES)
+    raw = read_capped(path, MAX_JSON_BYTES)
     if len(raw) > MAX_JSON_BYTES:
         raise CheckpointCorrupt(path, f"larger than {MAX_JSON_BYTES} bytes; not DCP metadata")
     try:

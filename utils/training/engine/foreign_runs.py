@@ -14,10 +14,11 @@ import io
 import math
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .commit import MANIFEST_NAME, CheckpointCorrupt, CheckpointError, read_json, read_small_file
+from .commit import MANIFEST_NAME, CheckpointCorrupt, CheckpointError, read_json, read_small_file, subfolders
 from .foreign_seals import (
     CKPT_SUFFIX,
     HF_CHECKPOINT,
@@ -77,16 +78,18 @@ def load_hint(results: dict[str, Any]) -> str | None:
     return None
 
 
-def _subfolders(path: Path) -> list[Path]:
-    return [p for p in _entries(path) if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
-
-
 def _looks_like_ours(path: Path) -> bool:
     """A workspace, checkpoints/ folder, run folder or step folder of ours (cheap: no deep walk)."""
     if (path / MANIFEST_NAME).exists() and not HF_CHECKPOINT.match(path.name):
         return True
-    near = [path, *_subfolders(path), *_subfolders(path / "checkpoints")]
-    return any((p / RUN_FILE).is_file() or OUR_STEP_DIR.match(p.name) for p in near)
+    return any((p / RUN_FILE).is_file() or OUR_STEP_DIR.match(p.name) for p in _near(path))
+
+
+def _near(path: Path) -> Iterator[Path]:
+    """`path`, its subfolders, then those of its checkpoints/ (each listed only when reached)."""
+    yield path
+    yield from subfolders(path)
+    yield from subfolders(path / "checkpoints")
 
 
 def read_foreign_run(source: str, run_dir: str | os.PathLike, *, recovered: bool = True) -> dict[str, Any]:
@@ -264,7 +267,7 @@ def _hf_results(output_dir: Path) -> dict[str, Any]:
 def _lightning_checkpoint_dirs(root: Path) -> list[Path]:
     """The folders that hold `.ckpt` files or their seals: root, its subfolders, and the
     `checkpoints/` folders of Lightning's default layout (`lightning_logs/version_N/checkpoints`)."""
-    candidates = dict.fromkeys([root, *_subfolders(root), *root.glob("*/*/checkpoints")])
+    candidates = dict.fromkeys([root, *subfolders(root), *root.glob("*/*/checkpoints")])
     suffixes = (CKPT_SUFFIX, CKPT_SUFFIX + SEAL_SUFFIX)
     return [
         folder

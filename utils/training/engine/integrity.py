@@ -122,15 +122,28 @@ def parse_json(path: Path, what: str, raw: bytes) -> Any:
         raise CheckpointCorrupt(path, f"{what} is not valid JSON ({type(exc).__name__})") from exc
 
 
-def read_capped(f: Any, cap: int) -> bytes:
-    """An open file's bytes, or its first cap + 1 when it is larger (so that the caller can refuse it).
-    Sized from fstat, not from the cap: a read of `cap` bytes would allocate that much up front
-    (64 MiB for a 3 KB manifest). A file that grew after the fstat is read on to the cap."""
-    size = os.fstat(f.fileno()).st_size
-    raw = f.read(min(size, cap) + 1)
-    if size < cap and len(raw) > size:  # it grew
-        raw += f.read(cap + 1 - len(raw))
-    return raw
+def read_capped(path: str | os.PathLike, cap: int, *, size: int | None = None, nofollow: bool = False) -> bytes:
+    """A file's bytes, or its first cap + 1 when it is larger (so that the caller can refuse it).
+    Straight system calls (open, read to the end, close), not a buffered file object, which adds
+    an fstat, an ioctl and a seek to every small read. Sized from `size` (the stat the caller
+    just took) or fstat, not from the cap: a read of `cap` bytes would allocate that much up
+    front (64 MiB for a 3 KB manifest). A file that grew after the stat is read on to the cap.
+    nofollow: a symlink is refused (OSError ELOOP). Raises OSError."""
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | (getattr(os, "O_NOFOLLOW", 0) if nofollow else 0))
+    try:
+        want = min(os.fstat(fd).st_size if size is None else size, cap) + 1
+        chunks: list[bytes] = []
+        total = 0
+        while total <= cap:
+            chunk = os.read(fd, (want if total < want else cap + 1) - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def read_small_file(path: Path, what: str) -> bytes:
@@ -146,9 +159,8 @@ def read_small_file(path: Path, what: str) -> bytes:
         raise CheckpointCorrupt(path, f"{what} is not a regular file (symlink or special file refused)")
     if st.st_size > MAX_JSON_BYTES:
         raise CheckpointCorrupt(path, f"{what} is {st.st_size} bytes, larger than any this package writes")
-    try:
-        with open(path, "rb") as f:
-            return read_capped(f, MAX_JSON_BYTES)
+    try:  # nofollow: a symlink swapped in after the lstat is refused too
+        return read_capped(path, MAX_JSON_BYTES, size=st.st_size, nofollow=True)
     except OSError as exc:
         raise CheckpointCorrupt(path, f"cannot read {what}: {exc.strerror}") from exc
 

@@ -58,8 +58,7 @@ def read_log_bytes(path: Path, what: str) -> bytes:
     """A log's bytes, b"" when it does not exist; other OSErrors propagate. A file larger than any
     run writes (a foreign or sparse file) is not read: CheckpointCorrupt says so."""
     try:
-        with open(path, "rb") as f:
-            raw = read_capped(f, MAX_METRICS_BYTES)
+        raw = read_capped(path, MAX_METRICS_BYTES)
     except FileNotFoundError:
         return b""
     if len(raw) > MAX_METRICS_BYTES:

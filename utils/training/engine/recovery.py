@@ -24,7 +24,7 @@ from .checkpoint_index import (
     list_leftovers,
     ranked_checkpoints,
 )
-from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json
+from .commit import MANIFEST_NAME, CheckpointCorrupt, cheap_check, read_json, subfolders
 from .foreign_runs import SOURCE_OURS, NoForeignCheckpoint, detect, read_foreign_run
 from .metrics_log import METRICS_FILE, STEPS_FILE, drift_history, read_metrics_log, read_steps_log, thin_rows
 from .rollback import abandoned_batches
@@ -47,11 +47,7 @@ def _is_run_dir(path: Path) -> bool:
 
 
 def _runs_in(checkpoints_dir: Path) -> list[Path]:
-    try:
-        entries = [p for p in checkpoints_dir.iterdir() if not p.name.startswith(".")]
-    except OSError:
-        return []
-    return [p for p in entries if p.is_dir() and not p.is_symlink() and _is_run_dir(p)]
+    return [p for p in subfolders(checkpoints_dir) if _is_run_dir(p)]
 
 
 def resolve_runs(path: Path) -> tuple[list[Path], Path | None]:
@@ -77,6 +73,8 @@ def _ranked_runs(runs: list[Path]) -> list[tuple[Path, Any]]:
         except CheckpointListingError as exc:
             ranked.append(((0.0, str(run_dir)), run_dir, exc))
             continue
+        if len(runs) == 1:
+            return [(run_dir, outcome)]  # nothing to order
         try:
             recency = ((outcome[0][0].path if outcome[0] else run_dir).stat().st_mtime, str(run_dir))
         except OSError:
