@@ -3,6 +3,9 @@ buffers hold between saves (save_resident_ratio), with the cost of releasing the
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +36,8 @@ class RawDiskWrites:
     page-aligned buffers filled once, written by the async writer's own FilledFileWriter (O_DIRECT
     where accepted, fsync each file) one file after the other, then the folders fsynced, in a thread
     started where a save starts and joined where the loop waits for one. No copy of the state, no
-    hash, no manifest: the loop time it costs is what writing those bytes durably costs any saver."""
+    hash, no manifest: the loop time it costs is what writing those bytes durably costs any saver.
+    In a folder on a tmpfs the same writes are copies into memory: what the bytes cost without a disk."""
 
     def __init__(self, folder: Path, payloads: dict[str, memoryview]) -> None:
         self.run_dir = folder
@@ -44,19 +48,23 @@ class RawDiskWrites:
             image[: len(payload)] = payload
             self._images[name] = FilledFile(data=memoryview(image)[: len(payload)], size_bytes=len(payload), hash="")
         self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     def save(self, step: int, **_: Any) -> None:
         self._thread = threading.Thread(target=self._write, args=(self.run_dir / step_dir_name(step),))
         self._thread.start()
 
     def _write(self, target: Path) -> None:
-        target.mkdir()
-        for name, image in self._images.items():
-            writer = FilledFileWriter(target / name, image)
-            writer.write_all()
-            writer.close()
-        fsync_dir(target)
-        fsync_dir(self.run_dir)
+        try:
+            target.mkdir()
+            for name, image in self._images.items():
+                writer = FilledFileWriter(target / name, image)
+                writer.write_all()
+                writer.close()
+            fsync_dir(target)
+            fsync_dir(self.run_dir)
+        except BaseException as exc:  # raised in the loop's thread by wait_until_finished
+            self._error = exc
 
     def wait_for_snapshot(self) -> None:
         """Nothing to wait for: the bytes written are not the live state."""
@@ -64,10 +72,25 @@ class RawDiskWrites:
     def wait_until_finished(self) -> None:
         if self._thread is not None:
             self._thread.join()
+        if self._error is not None:
+            raise self._error
 
     def close(self) -> None:
-        self.wait_until_finished()
-        remove_tree(self.run_dir)
+        try:
+            self.wait_until_finished()
+        finally:
+            remove_tree(self.run_dir)
+
+
+def memory_folder(n_bytes: int) -> Path | None:
+    """A tmpfs folder with room for two copies of `n_bytes` (/dev/shm on Linux), or None."""
+    shm = Path("/dev/shm")
+    try:
+        if shm.is_dir() and os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= 2 * n_bytes:
+            return Path(tempfile.mkdtemp(prefix="bench-loop-cost-", dir=shm))
+    except OSError:
+        pass
+    return None
 
 
 def train_steps(
@@ -121,14 +144,19 @@ def bench_async_loop(
     for manager in managers.values():  # warm-up save each: buffers allocated, folders created
         save_once(manager, 0, model, optimizer)
         manager.wait_until_finished()
-    raw_disk = RawDiskWrites(workdir / "raw-disk", checkpoint_payloads(managers["sync"].last_saved_path))
+    payloads = checkpoint_payloads(managers["sync"].last_saved_path)
+    raw_disk = RawDiskWrites(workdir / "raw-disk", payloads)
+    memory = memory_folder(n_bytes)
+    raw_memory = RawDiskWrites(memory / "raw-memory", payloads) if memory is not None else None
     rounds: list[dict[str, float]] = []
     per_save: list[float] = []
     cpu_per_save: list[tuple[float, float]] = []  # (the loop thread's CPU, the whole process's CPU)
     resident = managers["with_saves"]._buffers.resident_bytes()
     step = 1
-    kinds = ["without", "with_saves", "released", "raw_disk"]
+    kinds = ["without", "with_saves", "released", "raw_disk"] + (["raw_memory"] if raw_memory else [])
     savers: dict[str, CheckpointManager | RawDiskWrites] = {**managers, "raw_disk": raw_disk}
+    if raw_memory is not None:
+        savers["raw_memory"] = raw_memory
     for r in range(repeats):
         got = dict.fromkeys(kinds, 0.0)
         for piece in range(saves + 1):
@@ -152,10 +180,12 @@ def bench_async_loop(
             cpu_per_save.append((cpu["with_saves"][0] - cpu["without"][0], cpu["with_saves"][1] - cpu["without"][1]))
         rounds.append(got)
     released_resident = managers["released"]._buffers.resident_bytes()
-    for manager in (*managers.values(), raw_disk):
+    for manager in (*managers.values(), raw_disk, *([raw_memory] if raw_memory else [])):
         manager.close()
+    if memory is not None:
+        remove_tree(memory)
     return _loop_cost_entries(rounds, saves, every * saves, every, n_bytes, resident, released_resident, repeats,
-                              per_save, cpu_per_save)  # fmt: skip
+                              per_save, cpu_per_save, memory)  # fmt: skip
 
 
 def _loop_cost_entries(
@@ -169,6 +199,7 @@ def _loop_cost_entries(
     repeats: int,
     per_save: list[float],
     cpu_per_save: list[tuple[float, float]],
+    memory: Path | None,
 ) -> dict[str, dict[str, Any]]:
     def lost_per_save(kind: str) -> list[float]:
         return [(r[kind] - r["without"]) / n_saves for r in rounds]
@@ -198,6 +229,9 @@ def _loop_cost_entries(
             beyond_raw_disk_loop_cost_ratio=median(
                 (r["with_saves"] - r["raw_disk"]) / n_saves / r["sync"] for r in rounds
             ),
+            raw_memory_loop_cost_ratio=median(ratios("raw_memory")) if memory is not None else None,
+            raw_memory_seconds_lost_per_save=median(lost_per_save("raw_memory")) if memory is not None else None,
+            raw_memory_folder=str(memory) if memory is not None else None,
             loop_thread_cpu_seconds_lost_per_save=median(c[0] for c in cpu_per_save),
             process_cpu_seconds_per_save=median(c[1] for c in cpu_per_save),
             **common,
@@ -208,8 +242,9 @@ def _loop_cost_entries(
             "inside the piece, so the stall and the writer thread's CPU and GIL taken from the following steps "
             "all count), the same with release_buffers, the same with RawDiskWrites in the place of the save (the "
             "same bytes written as the async writer writes them, nothing copied or hashed: raw_disk_* is what the "
-            "disk itself costs the loop, beyond_raw_disk_* what the save adds to it); the sync save at a rotating "
-            "place. windowed_*: a "
+            "disk itself costs the loop, beyond_raw_disk_* what the save adds to it), and where a tmpfs has room "
+            "the same RawDiskWrites into it (raw_memory_*: the same bytes copied into memory, no disk: what they "
+            "cost the loop without one); the sync save at a rotating place. windowed_*: a "
             "cross-check, not the verdict: per save, its piece less the piece without saves beside it, median "
             "over every save of every round. loop_thread_cpu_seconds_lost_per_save and "
             "process_cpu_seconds_per_save: the same difference in CPU seconds of the loop's thread (memory "

@@ -87,6 +87,11 @@ def test_ratios_are_made_of_the_raw_figures_beside_them(smoke: tuple[dict[str, A
     assert cost["raw_disk_loop_cost_ratio"] == pytest.approx(raw_lost / cost["sync_save_seconds"], rel=1e-3, abs=1e-9)
     beyond = (cost["loop_seconds_lost_per_save"] - raw_lost) / cost["sync_save_seconds"]
     assert cost["beyond_raw_disk_loop_cost_ratio"] == pytest.approx(beyond, rel=1e-3, abs=1e-9)
+    if cost["raw_memory_folder"] is not None:  # a tmpfs with room (Linux /dev/shm)
+        memory_lost = cost["raw_memory_seconds_lost_per_save"]
+        expected = memory_lost / cost["sync_save_seconds"]
+        assert cost["raw_memory_loop_cost_ratio"] == pytest.approx(expected, rel=1e-3, abs=1e-9)
+        assert not Path(cost["raw_memory_folder"]).exists()  # the tmpfs folder is removed after the run
     resident = results["save_resident_ratio"]
     assert resident["resident_mib"] == pytest.approx(resident["ratio"] * resident["state_mib"], rel=1e-3)
     assert resident["released_resident_mib"] == 0
@@ -178,3 +183,19 @@ def test_the_peer_benchmark_runs_at_a_tiny_size(capsys: pytest.CaptureFixture[st
     assert truncated["training-survives"]["outcome"] == "resumed"  # it passes over the damaged newest
     assert truncated["training-survives"]["from"].startswith("step-000001")
     assert len(results["recovery_scan"]) == 4
+
+
+def test_raw_disk_writes_raise_a_failed_write_where_the_loop_waits(tmp_path: Path) -> None:
+    """A write that fails in the writer thread is not silently left out of the loop's cost."""
+    import shutil
+
+    from benchmarks.loop_cost import RawDiskWrites
+
+    raw = RawDiskWrites(tmp_path / "raw", {"f": memoryview(bytes(5000))})
+    raw.save(1)
+    raw.wait_until_finished()
+    assert (tmp_path / "raw" / "step-000001" / "f").read_bytes() == bytes(5000)
+    shutil.rmtree(tmp_path / "raw")  # the next save's folder cannot be made
+    raw.save(2)
+    with pytest.raises(FileNotFoundError):
+        raw.wait_until_finished()
