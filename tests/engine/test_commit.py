@@ -23,6 +23,7 @@ from utils.training.engine.commit import (
     read_json,
     read_manifest,
     remove_tree,
+    subfolders,
     verify,
     write_json_file,
     write_manifest,
@@ -282,3 +283,14 @@ def test_read_capped_nofollow_refuses_a_symlink(tmp_path: Path):
     assert read_capped(tmp_path / "link", 1000) == b"{}"
     with pytest.raises(OSError):
         read_capped(tmp_path / "link", 1000, nofollow=True)
+
+
+def test_subfolders_are_the_real_visible_folders_only(tmp_path: Path):
+    for name in ("run-b", "run-a", ".hidden"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "a-file").write_bytes(b"x")
+    (tmp_path / "link-to-run").symlink_to(tmp_path / "run-a")  # a link is never taken for a run folder
+    assert sorted(p.name for p in subfolders(tmp_path)) == ["run-a", "run-b"]
+    assert all(p.parent == tmp_path for p in subfolders(tmp_path))
+    assert subfolders(tmp_path / "missing") == []
+    assert subfolders(tmp_path / "a-file") == []
