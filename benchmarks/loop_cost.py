@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,7 @@ def bench_async_loop(
     raw_disk = RawDiskWrites(workdir / "raw-disk", payloads)
     memory = memory_folder(n_bytes)
     raw_memory = RawDiskWrites(memory / "raw-memory", payloads) if memory is not None else None
+    free_memory = weakref.finalize(raw_memory, remove_tree, memory) if memory is not None else None  # also on a failure
     rounds: list[dict[str, float]] = []
     per_save: list[float] = []
     cpu_per_save: list[tuple[float, float]] = []  # (the loop thread's CPU, the whole process's CPU)
@@ -182,8 +184,8 @@ def bench_async_loop(
     released_resident = managers["released"]._buffers.resident_bytes()
     for manager in (*managers.values(), raw_disk, *([raw_memory] if raw_memory else [])):
         manager.close()
-    if memory is not None:
-        remove_tree(memory)
+    if free_memory is not None:
+        free_memory()
     return _loop_cost_entries(rounds, saves, every * saves, every, n_bytes, resident, released_resident, repeats,
                               per_save, cpu_per_save, memory)  # fmt: skip
 
