@@ -147,18 +147,17 @@ def bench_async_loop(
         manager.wait_until_finished()
     payloads = checkpoint_payloads(managers["sync"].last_saved_path)
     raw_disk = RawDiskWrites(workdir / "raw-disk", payloads)
+    savers: dict[str, CheckpointManager | RawDiskWrites] = {**managers, "raw_disk": raw_disk}
     memory = memory_folder(n_bytes)
-    raw_memory = RawDiskWrites(memory / "raw-memory", payloads) if memory is not None else None
-    free_memory = weakref.finalize(raw_memory, remove_tree, memory) if memory is not None else None  # also on a failure
+    if memory is not None:  # the same writes into a tmpfs: the bytes' copy, no disk
+        savers["raw_memory"] = RawDiskWrites(memory / "raw-memory", payloads)
+        free_memory = weakref.finalize(savers["raw_memory"], remove_tree, memory)  # also when a round fails
     rounds: list[dict[str, float]] = []
     per_save: list[float] = []
     cpu_per_save: list[tuple[float, float]] = []  # (the loop thread's CPU, the whole process's CPU)
     resident = managers["with_saves"]._buffers.resident_bytes()
     step = 1
-    kinds = ["without", "with_saves", "released", "raw_disk"] + (["raw_memory"] if raw_memory else [])
-    savers: dict[str, CheckpointManager | RawDiskWrites] = {**managers, "raw_disk": raw_disk}
-    if raw_memory is not None:
-        savers["raw_memory"] = raw_memory
+    kinds = ["without", "with_saves", "released", "raw_disk"] + (["raw_memory"] if memory is not None else [])
     for r in range(repeats):
         got = dict.fromkeys(kinds, 0.0)
         for piece in range(saves + 1):
@@ -182,9 +181,9 @@ def bench_async_loop(
             cpu_per_save.append((cpu["with_saves"][0] - cpu["without"][0], cpu["with_saves"][1] - cpu["without"][1]))
         rounds.append(got)
     released_resident = managers["released"]._buffers.resident_bytes()
-    for manager in (*managers.values(), raw_disk, *([raw_memory] if raw_memory else [])):
-        manager.close()
-    if free_memory is not None:
+    for saver in savers.values():
+        saver.close()
+    if memory is not None:
         free_memory()
     return _loop_cost_entries(rounds, saves, every * saves, every, n_bytes, resident, released_resident, repeats,
                               per_save, cpu_per_save, memory)  # fmt: skip
