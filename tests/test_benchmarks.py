@@ -199,3 +199,90 @@ def test_raw_disk_writes_raise_a_failed_write_where_the_loop_waits(tmp_path: Pat
     raw.save(2)
     with pytest.raises(FileNotFoundError):
         raw.wait_until_finished()
+
+
+@pytest.fixture(scope="module")
+def byte_lm(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    import torch
+
+    from benchmarks.loop import loop_config
+    from utils.training.engine.model import ByteTransformer
+
+    config = loop_config(tmp_path_factory.mktemp("lockstep"), "lockstep", 1, 1, 0)
+    model = ByteTransformer.from_config(config).train()
+    return model, torch.zeros(1, 8, dtype=torch.long)
+
+
+def test_lockstep_runs_one_step_of_each_loop_in_turn_and_keeps_waits_off_each_clock(byte_lm: tuple[Any, Any]) -> None:
+    import time
+
+    from benchmarks.loop import Lockstep
+
+    model, batch = byte_lm
+    order: list[str] = []
+
+    def loop(name: str, pause: float) -> None:
+        for _ in range(4):
+            model(batch)
+            order.append(name)
+            time.sleep(pause)
+
+    results = Lockstep().run({"slow": lambda: loop("slow", 0.05), "fast": lambda: loop("fast", 0.0)})
+    assert order == ["slow", "fast"] * 4
+    assert results["slow"]["steps"] == results["fast"]["steps"] == 3  # gaps between 4 training forwards
+    assert results["slow"]["median_step_seconds"] >= 0.05
+    assert results["fast"]["train_seconds"] < 0.05  # the slow loop's turns are not on the fast loop's clock
+    assert results["slow"]["deferred_passes"] == results["fast"]["deferred_passes"] == 0
+
+
+def test_lockstep_keeps_the_baton_while_a_checkpoint_thread_of_the_running_loop_lives(
+    byte_lm: tuple[Any, Any],
+) -> None:
+    import threading
+
+    from benchmarks.loop import Lockstep
+
+    model, batch = byte_lm
+    order: list[str] = []
+    release = threading.Event()
+
+    def saver() -> None:
+        model(batch)
+        order.append("saver")
+        writer = threading.Thread(target=release.wait, name="checkpoint-writer")
+        writer.start()
+        for step in range(3):  # two passes fall due while the writer lives
+            model(batch)
+            order.append("saver")
+            if step == 1:
+                release.set()
+                writer.join()
+
+    def other() -> None:
+        for _ in range(3):
+            model(batch)
+            order.append("other")
+
+    results = Lockstep().run({"saver": saver, "other": other})
+    assert order == ["saver", "saver", "saver", "other", "saver", "other", "other"]
+    assert results["saver"]["deferred_passes"] == 2 and results["other"]["deferred_passes"] == 0
+
+
+def test_lockstep_raises_a_loops_error_after_the_other_loops_end(byte_lm: tuple[Any, Any]) -> None:
+    from benchmarks.loop import Lockstep
+
+    model, batch = byte_lm
+    finished: list[str] = []
+
+    def broken() -> None:
+        model(batch)
+        raise RuntimeError("loop failed")
+
+    def fine() -> None:
+        for _ in range(3):
+            model(batch)
+        finished.append("fine")
+
+    with pytest.raises(RuntimeError, match="loop failed"):
+        Lockstep().run({"broken": broken, "fine": fine})
+    assert finished == ["fine"]
