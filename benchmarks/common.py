@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from collections.abc import Iterable
@@ -68,6 +69,21 @@ def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 
 
+def median_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval of the median: the order statistics [x_(j), x_(n+1-j)]
+    with the largest j whose binomial coverage, 1 - 2 P(Binomial(n, 1/2) < j), is at least
+    `confidence`. None when even [min, max] covers less (fewer than 6 values at 95 %)."""
+    xs = sorted(values)
+    n = len(xs)
+    below, best = 0.0, None  # below = P(B <= j - 1)
+    for j in range(1, n // 2 + 1):
+        below += math.comb(n, j - 1) / 2**n
+        if 1 - 2 * below < confidence:
+            break
+        best = j
+    return None if best is None else (xs[best - 1], xs[n - best])
+
+
 def rounded(value: Any) -> Any:
     if isinstance(value, float):
         return float(f"{value:.6g}")
@@ -89,7 +105,8 @@ def entry(
     **raw: Any,
 ) -> dict[str, Any]:
     """One result: `ratio` is the median of the per-round paired ratios in `samples`, with their
-    min and max; the target ("<=" or ">="); whether it is met; how it was measured; the raw figures.
+    min and max and a 95 % confidence interval of the median (`median_ci95`, None under 6 rounds);
+    the target ("<=" or ">="); whether it is met; how it was measured; the raw figures.
 
     `physical_limit`: the value that no honest measurement can pass (1.0 for a save against the
     raw disk doing the same writes). A median more than 10 % past it means the two sides did not
@@ -107,6 +124,7 @@ def entry(
         "min": rounded(min(values)),
         "median": rounded(ratio),
         "max": rounded(max(values)),
+        "median_ci95": rounded(list(interval)) if (interval := median_interval(values)) else None,
         "target": f"{op} {target:g}",
         "met": bool(met and not beyond),
         "method": method,
@@ -190,11 +208,11 @@ _HEADLINE = {
 
 
 def format_table(results: dict[str, Any]) -> str:
-    """A markdown table of every result entry: median ratio, min-max over the rounds, target, met, and
-    the two headline figures."""
+    """A markdown table of every result entry: median ratio, min-max over the rounds, the median's 95 %
+    confidence interval, target, met, and the two headline figures."""
     lines = [
-        "| metric | ratio (median) | min – max | target | met | measured side by side |",
-        "|---|---:|---:|---|:---:|---|",
+        "| metric | ratio (median) | min – max | median, 95 % CI | target | met | measured side by side |",
+        "|---|---:|---:|---:|---|:---:|---|",
     ]
     for key, value in results.items():
         if not isinstance(value, dict) or "ratio" not in value:
@@ -204,8 +222,10 @@ def format_table(results: dict[str, Any]) -> str:
         met = (
             "yes" if value["met"] else ("NO: beyond the physical limit" if value.get("beyond_physical_limit") else "NO")
         )
+        ci = value.get("median_ci95")
+        interval = f"{ci[0]:.3g} – {ci[1]:.3g}" if ci else "–"
         lines.append(
-            f"| `{key}` | {value['ratio']:.4g} | {value['min']:.3g} – {value['max']:.3g} | {value['target']} | "
-            f"{met} | {detail} |"
+            f"| `{key}` | {value['ratio']:.4g} | {value['min']:.3g} – {value['max']:.3g} | {interval} | "
+            f"{value['target']} | {met} | {detail} |"
         )
     return "\n".join(lines)

@@ -50,10 +50,11 @@ def test_every_required_key_has_the_contract_shape(smoke: tuple[dict[str, Any], 
         assert op in ("<=", ">="), key
         within = entry["ratio"] <= float(value) if op == "<=" else entry["ratio"] >= float(value)
         assert entry["met"] is (within and not entry.get("beyond_physical_limit", False)), key
-        raw = set(entry) - {"ratio", "min", "median", "max", "target", "met", "note", "method", "rounds"}
+        raw = set(entry) - {"ratio", "min", "median", "max", "median_ci95", "target", "met", "note", "method", "rounds"}
         assert raw, f"{key} carries no raw figures"
         assert entry["method"], key
         assert entry["rounds"] >= 1, key
+        assert entry["median_ci95"] is None, key  # SMOKE runs fewer rounds than a 95 % interval needs
     assert results["meta"]["sizes"]["save_state_mib"] == SMOKE.save_state_mib
     assert isinstance(results["meta"]["beyond_physical_limit"], list)
     assert set(results["meta"]["group_seconds"]) == set(GROUPS)
@@ -106,6 +107,16 @@ def test_a_ratio_past_its_physical_limit_is_not_met_and_fails_the_run() -> None:
     assert (flattering["ratio"], flattering["min"], flattering["max"]) == (2.2, 2.1, 2.3)
     assert flattering["met"] is False and flattering["beyond_physical_limit"] is True
     assert "physical limit" in flattering["note"]
+
+
+def test_the_median_interval_is_the_binomial_one() -> None:
+    from benchmarks.common import entry, median_interval
+
+    assert median_interval([3.0, 1.0, 2.0, 5.0, 4.0]) is None  # [min, max] of 5 covers 93.75 %
+    assert median_interval([6.0, 1.0, 5.0, 2.0, 4.0, 3.0]) == (1.0, 6.0)  # 96.9 %
+    assert median_interval(range(1, 10)) == (2, 8)  # j = 2: 96.1 %; j = 3 would cover 82 %
+    assert median_interval(range(1, 22)) == (6, 16)  # j = 6: 97.3 %; j = 7 would cover 92.2 %
+    assert entry([float(v) for v in range(1, 22)], "<=", 3.0, method="m")["median_ci95"] == [6.0, 16.0]
 
 
 def test_minimal_reads_reads_what_recover_reads_and_fails_on_a_run_without_an_index(tmp_path: Path) -> None:
