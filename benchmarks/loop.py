@@ -54,8 +54,8 @@ class OptimizerFlags:
 class Lockstep:
     """Training loops run in threads, one at a time, in lockstep: after each training step the running
     loop hands a baton to the next, so that the loops of a round train side by side, step by step,
-    under the same load. (Whole runs one after the other sit seconds apart, and on a shared machine
-    the time stolen by other tenants drifts within a second by more than the figure being measured.)
+    under the same load. (Whole runs one after the other sit seconds apart, and on a shared machine a
+    loop's own speed drifts within a second by more than the figure being measured.)
 
     The baton passes in a global forward pre-hook of the byte LM, at the start of a training forward.
     A loop's time is measured from its own forwards (one stamp per forward; a gap between two training
