@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from utils.training.config import TrainingConfig
+from utils.training.engine.checkpoint import SAVE_THREAD_PREFIX
 from utils.training.engine.data import BatchStream, Corpus, validation_batches
 from utils.training.engine.model import ByteTransformer
 from utils.training.engine.trainer import Trainer, lr_multiplier
@@ -147,7 +148,7 @@ class Lockstep:
     def _hand_on(self, name: str) -> None:
         """Hand the baton to the next loop and wait for it to come back; kept while a checkpoint
         thread runs (only the loop holding the baton can have one)."""
-        if any(t.name.startswith("checkpoint-") for t in threading.enumerate()):
+        if any(t.name.startswith(SAVE_THREAD_PREFIX) for t in threading.enumerate()):
             self._deferred[name] += 1
             return
         with self._guard:

@@ -71,6 +71,9 @@ from .trainer_state import TRAINER_FILE, read_trainer_state
 
 log = logging.getLogger(__name__)
 
+# Every thread a save starts is named with this prefix (benchmarks/loop.py waits on them by name).
+SAVE_THREAD_PREFIX = "checkpoint-"
+
 
 # -- serialisation ------------------------------------------------------------------------
 @dataclass
@@ -92,7 +95,9 @@ class _BackgroundClose:
     def __init__(self, writer: HashingWriter) -> None:
         self._result: dict[str, Any] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._close, args=(writer,), name="checkpoint-fsync", daemon=True)
+        self._thread = threading.Thread(
+            target=self._close, args=(writer,), name=f"{SAVE_THREAD_PREFIX}fsync", daemon=True
+        )
         self._thread.start()
 
     def _close(self, writer: HashingWriter) -> None:
@@ -353,7 +358,7 @@ class CheckpointManager:
                 return filled_snapshot(self._buffers, step, unique, aliases, training_state, trainer_json, fields)
 
         self._thread = threading.Thread(
-            target=self._snapshot_and_commit, args=(take_snapshot,), name="checkpoint-writer", daemon=True
+            target=self._snapshot_and_commit, args=(take_snapshot,), name=f"{SAVE_THREAD_PREFIX}writer", daemon=True
         )
         self._thread.start()
 
