@@ -252,6 +252,7 @@ def test_lockstep_keeps_the_baton_while_a_checkpoint_thread_of_the_running_loop_
     import threading
 
     from benchmarks.loop import Lockstep
+    from utils.training.engine.checkpoint import SAVE_THREAD_PREFIX
 
     model, batch = byte_lm
     order: list[str] = []
@@ -260,7 +261,7 @@ def test_lockstep_keeps_the_baton_while_a_checkpoint_thread_of_the_running_loop_
     def saver() -> None:
         model(batch)
         order.append("saver")
-        writer = threading.Thread(target=release.wait, name="checkpoint-writer")
+        writer = threading.Thread(target=release.wait, name=f"{SAVE_THREAD_PREFIX}writer")
         writer.start()
         for step in range(3):  # two passes fall due while the writer lives
             model(batch)
