@@ -86,7 +86,7 @@ def tables(results: dict[str, Any]) -> str:
         lines.append(f"| {name} | {row['durable_seconds']:.3f} | {row['min']:.3f} – {row['max']:.3f} | "
                      f"{row['added_fsync_seconds']:.3f} | {row['bytes']:,} |")  # fmt: skip
     loss = results["async_loop_loss"]
-    lines += ["", f"Loop time lost per async save ({loss['saves']} saves in {loss['steps']} steps, median of "
+    lines += ["", f"Loop time lost per async save ({loss['saves']} save{'s' if loss['saves'] != 1 else ''} in {loss['steps']} steps, median of "
               f"{loss['repeats']}; project sync save {loss['project_sync_save_seconds']:.3f} s):", "",
               "| framework | lost per save (s) | min – max | / project sync save |", "|---|---:|---:|---:|"]  # fmt: skip
     for name, row in loss["frameworks"].items():
